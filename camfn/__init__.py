@@ -1,0 +1,75 @@
+"""camfn: class activation maps for PyTorch as pure functions.
+
+Every method is ``method(model, params, x, layer, target, **options) -> maps``, built on ``torch.func``
+over a torch.fx trace of the model: no hooks, no mode switches, no ``.grad``; composable with ``vmap``,
+``grad`` and ``torch.compile``.
+
+Example:
+    >>> import torch, torchvision, camfn
+    >>> model = torchvision.models.resnet18().eval()
+    >>> maps = camfn.gradcam(model, camfn.params(model), torch.randn(2, 3, 64, 64), "layer4", 281)
+    >>> maps.shape, float(maps.min()), float(maps.max())
+    (torch.Size([2, 64, 64]), 0.0, 1.0)
+"""
+
+from . import errors, forward, graph, postprocess, targets
+from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
+from .forward import params
+from .graph import LayerInfo, layers
+from .methods import (
+    cam,
+    eigencam,
+    eigengradcam,
+    gradcam,
+    gradcam_elementwise,
+    gradcampp,
+    hirescam,
+    layercam,
+    xgradcam,
+)
+from .postprocess import fuse
+
+__version__ = "0.1.0"
+
+METHODS = {
+    "gradcam": gradcam,
+    "gradcampp": gradcampp,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "hirescam": hirescam,
+    "gradcam_elementwise": gradcam_elementwise,
+    "eigengradcam": eigengradcam,
+    "cam": cam,
+    "eigencam": eigencam,
+}
+"""Every method by name."""
+
+__all__ = [
+    "METHODS",
+    "CamfnError",
+    "HookError",
+    "InputError",
+    "LayerError",
+    "LayerInfo",
+    "ModeError",
+    "OptionError",
+    "TargetError",
+    "TraceError",
+    "cam",
+    "eigencam",
+    "eigengradcam",
+    "errors",
+    "forward",
+    "fuse",
+    "gradcam",
+    "gradcam_elementwise",
+    "gradcampp",
+    "graph",
+    "hirescam",
+    "layercam",
+    "layers",
+    "params",
+    "postprocess",
+    "targets",
+    "xgradcam",
+]

@@ -1,0 +1,54 @@
+"""Input and model checks shared by every method. Each failure says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .errors import InputError, ModeError
+
+__all__ = ["check_input", "check_model"]
+
+
+def check_input(x: object) -> Tensor:
+    """``x`` must be a float tensor ``(B, C, H, W)`` (or ``(B, C, D, H, W)``)."""
+    if not isinstance(x, Tensor):
+        raise InputError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise InputError(
+            f"x has dtype {x.dtype}; camfn needs a float input. Convert and normalise it as the model expects, "
+            "e.g. x.float() / 255 followed by the model's mean/std normalisation"
+        )
+    if x.ndim == 3:
+        raise InputError(
+            f"x has shape {tuple(x.shape)}, which looks like one image without a batch dimension; "
+            "pass x[None] (or x.unsqueeze(0)) for a batch of one"
+        )
+    if x.ndim not in (4, 5):
+        raise InputError(f"x has shape {tuple(x.shape)}; expected (B, C, H, W) images or (B, C, D, H, W) volumes")
+    if x.shape[0] == 0:
+        raise InputError("x has an empty batch (B = 0)")
+    return x
+
+
+def check_model(model: nn.Module) -> None:
+    """Refuse BatchNorm layers that normalise with batch statistics (train mode, or no running stats).
+
+    Such layers make a sample's map depend on the rest of the batch and cannot run under ``vmap``.
+    camfn never switches the mode itself: that would change the user's module.
+    """
+    for path, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and isinstance(
+            module, nn.modules.batchnorm._BatchNorm | nn.SyncBatchNorm
+        ):
+            if module.training:
+                raise ModeError(
+                    f"BatchNorm {path or '<model>'!r} is in train mode, so it would normalise with the "
+                    "statistics of the batch being explained. Call model.eval() before explaining "
+                    "(camfn never switches modes on your model); copy.deepcopy(model).eval() keeps the original as is"
+                )
+            if not module.track_running_stats or module.running_mean is None:
+                raise ModeError(
+                    f"BatchNorm {path or '<model>'!r} has no running statistics (track_running_stats=False), "
+                    "so even in eval mode it normalises with batch statistics and a map would depend on the "
+                    "other samples. Explain one sample at a time, or replace the layer with GroupNorm"
+                )

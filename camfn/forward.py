@@ -1,0 +1,123 @@
+r"""The traced forward: a pure function of ``(params, x, deltas)``, and gradients at layers.
+
+Given an :class:`~camfn.graph.Engine` (the rewritten graph), everything here is a pure function built on
+``torch.func``: no hooks, no ``.grad``, no module state. For a score ``S = score(f(x))`` of shape
+``(B, T)``,
+
+.. math:: G_{t} = \frac{\partial S_{\cdot t}}{\partial A} = \frac{\partial S_{\cdot t}}{\partial \delta}\Big|_{\delta=0}
+
+comes from one forward pass and one ``torch.func.vjp``; the pullback is ``vmap``-ped over the ``T``
+one-hot cotangents, so ``T`` targets cost one forward and ``T`` backward passes through the *tail* of the
+network only (the part after the layer; no parameter gradients).
+
+Example:
+    >>> import torch, torchvision, camfn
+    >>> model = torchvision.models.resnet18().eval()
+    >>> p = camfn.params(model)
+    >>> out = camfn.forward.apply(model, p, torch.randn(1, 3, 64, 64))
+    >>> out.shape
+    torch.Size([1, 1000])
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+
+from .errors import InputError, TargetError
+from .graph import Engine, trace
+
+__all__ = ["Gradients", "apply", "activations", "gradients", "params", "run"]
+
+Params = dict[str, Tensor]
+
+
+def params(model: nn.Module) -> Params:
+    """The model's parameters and buffers as a dict of detached tensors (shared storage, no copy).
+
+    Pass it, or any dict with the same keys (another checkpoint, a randomised copy, a stack of them made
+    with ``torch.func.stack_module_state`` under ``vmap``), as the ``params`` of every method.
+
+    Example:
+        >>> import torch, camfn
+        >>> sorted(camfn.params(torch.nn.Linear(2, 3)))
+        ['bias', 'weight']
+    """
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    return {k: v.detach() for k, v in state.items()}
+
+
+def _state(engine: Engine, p: Params) -> Params:
+    if not isinstance(p, dict):
+        raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(p).__name__}")
+    keys = engine.traced.state_keys
+    unknown = [k for k in p if k not in keys]
+    if unknown:
+        raise InputError(
+            f"params has {len(unknown)} key(s) the model does not have, e.g. {unknown[:3]}; "
+            "build it with camfn.params(model) or model.state_dict() of the same architecture"
+        )
+    return p
+
+
+def run(engine: Engine, p: Params, x: Tensor, deltas: tuple[Tensor, ...]) -> Any:
+    """Evaluate the rewritten graph: ``(output, acts)`` (or ``acts`` for a headless engine).
+
+    Keys missing from ``p`` fall back to the model's own tensors (read, never written).
+    """
+    return functional_call(engine.module, _state(engine, p), (x, *deltas), strict=False)
+
+
+def zeros(engine: Engine, x: Tensor) -> tuple[Tensor, ...]:
+    """Zero perturbations shaped like each layer's activation for input ``x``."""
+    return tuple(torch.zeros(shape, dtype=dtype, device=x.device) for shape, dtype in engine.delta_shapes(x))
+
+
+def apply(model: nn.Module, p: Params, x: Tensor, **trace_options: Any) -> Any:
+    """The model's output for ``x`` under parameters ``p``: ``f(p, x)``, pure."""
+    traced = trace(model, **trace_options)
+    return functional_call(traced.module, p, (x,), strict=False)
+
+
+def activations(engine: Engine, p: Params, x: Tensor) -> tuple[Any, tuple[Tensor, ...]]:
+    """``(output, acts)``; for a headless engine ``(None, acts)`` and only the head of the net runs."""
+    result = run(engine, p, x, zeros(engine, x))
+    return result if engine.with_output else (None, result)
+
+
+class Gradients(NamedTuple):
+    """``acts[i]``: ``(B, K, ...)``; ``grads[i]``: ``(B, T, K, ...)``; ``scores``: ``(B, T)``."""
+
+    output: Any
+    acts: tuple[Tensor, ...]
+    grads: tuple[Tensor, ...]
+    scores: Tensor
+    squeeze: bool
+
+
+def gradients(engine: Engine, p: Params, x: Tensor, score: Any) -> Gradients:
+    """Activations and ``dS/dA`` at every layer of ``engine`` for every column of ``score(output)``.
+
+    ``score(output)`` returns ``(B,)`` (one target per sample: ``squeeze`` is True) or ``(B, T)``.
+    """
+
+    def f(*deltas: Tensor) -> tuple[Tensor, tuple[Any, tuple[Tensor, ...]]]:
+        output, acts = run(engine, p, x, deltas)
+        return score(output), (output, acts)
+
+    s, pull, (output, acts) = vjp(f, *zeros(engine, x), has_aux=True)
+    if not isinstance(s, Tensor) or s.ndim not in (1, 2) or s.shape[0] != x.shape[0]:
+        raise TargetError(f"the target gave scores of shape {getattr(s, 'shape', type(s))}; expected (B,) or (B, T)")
+    squeeze = s.ndim == 1
+    if squeeze:
+        grads = tuple(g.unsqueeze(1) for g in pull(torch.ones_like(s)))
+        s = s.unsqueeze(1)
+    else:
+        eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
+        cotangents = eye[:, None, :].expand(s.shape[1], s.shape[0], s.shape[1])
+        grads = tuple(g.movedim(0, 1) for g in vmap(pull)(cotangents))
+    return Gradients(output, tuple(acts), grads, s, squeeze)

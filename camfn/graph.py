@@ -1,0 +1,478 @@
+"""Graph surgery: trace a model once, find layers, inject zero perturbations.
+
+camfn never hooks the user's model. It traces a *skeleton* of it with torch.fx (torchvision's
+``NodePathTracer``, which names every node by its module path), then rewrites the graph so that the
+activation ``A`` of each requested layer feeds ``A + delta`` to the rest of the network, with ``delta`` a
+new graph input, and the graph returns ``(output, (A_1, ..., A_n))``. At ``delta = 0`` the output is
+unchanged and
+
+.. math:: \\frac{\\partial S}{\\partial \\delta} = \\frac{\\partial S}{\\partial A},
+
+so one ``torch.func.vjp`` gives every layer's gradient (see :mod:`camfn.forward`).
+
+The skeleton is a structural copy: every submodule is a new object whose parameter, buffer, child and
+hook dictionaries are new dictionaries holding the *same* tensors. ``functional_call`` swaps tensors on the
+skeleton, so the user's modules are never written, not even for a moment. Tracing runs in the mode the
+model is in and is cached per (model, structure, modes, hooks, tracer options); rewrites are cached per
+layer tuple, and activation shapes per input shape.
+
+Example:
+    >>> import torch, torchvision, camfn
+    >>> model = torchvision.models.resnet18().eval()
+    >>> [info.name for info in camfn.layers(model)][-4:]
+    ['layer4.1.relu_1', 'avgpool', 'flatten', 'fc']
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .errors import HookError, LayerError, TraceError, nearest
+
+__all__ = ["Engine", "LayerInfo", "Traced", "engine", "layers", "trace"]
+
+Layer = str | nn.Module
+HookPolicy = Literal["error", "ignore", "keep"]
+
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+_HOOK_SIDE_DICTS = (
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+# --------------------------------------------------------------------------------------------- hooks
+def _weight_hooks() -> tuple[type, ...]:
+    """Hook types that *define* weights (pruning masks, weight/spectral norm): always kept."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _hook_name(hook: Any) -> str:
+    owner = getattr(hook, "__self__", None)
+    if owner is not None:
+        return f"{type(owner).__module__}.{type(owner).__qualname__}.{hook.__name__}"
+    name = getattr(hook, "__qualname__", None) or type(hook).__qualname__
+    return f"{getattr(hook, '__module__', type(hook).__module__)}.{name}"
+
+
+def foreign_hooks(model: nn.Module) -> list[tuple[str, str, str]]:
+    """Hooks on ``model`` that camfn would have to run or drop: ``(module path, kind, hook name)``.
+
+    Weight-defining hooks (``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``) are not listed:
+    they are part of the model's definition and are always kept.
+    """
+    keep = _weight_hooks()
+    found = []
+    for path, module in model.named_modules():
+        for kind in _HOOK_DICTS:
+            for hook in getattr(module, kind, {}).values():
+                if not isinstance(hook, keep):
+                    found.append((path or "<model>", kind.strip("_").replace("_", " ")[:-1], _hook_name(hook)))
+    from torch.nn.modules import module as _m
+
+    for kind in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
+        for hook in getattr(_m, kind, {}).values():
+            found.append(("<every module>", kind.strip("_").replace("_", " ")[:-1], _hook_name(hook)))
+    return found
+
+
+def _check_hooks(model: nn.Module, policy: HookPolicy) -> None:
+    if policy not in ("error", "ignore", "keep"):
+        raise ValueError(f"hooks={policy!r}: use 'error', 'ignore' or 'keep'")
+    found = foreign_hooks(model)
+    global_ = [f for f in found if f[0] == "<every module>"]
+    if global_ and policy != "keep":
+        raise HookError(
+            "global module hooks are registered (torch.nn.modules.module.register_module_forward_hook): "
+            + ", ".join(f"{k} {n}" for _, k, n in global_)
+            + ". They would run inside camfn's traced copy too; remove them (handle.remove()) or pass "
+            "hooks='keep' if they only read."
+        )
+    if found and policy == "error":
+        lines = "\n".join(f"  {path}: {kind} {name}" for path, kind, name in found[:10])
+        more = f"\n  ... and {len(found) - 10} more" if len(found) > 10 else ""
+        raise HookError(
+            f"the model carries {len(found)} hook(s) camfn did not register:\n{lines}{more}\n"
+            "camfn traces a copy of the model and never touches these hooks. Choose what the copy does:\n"
+            "  hooks='ignore'  trace without them (right for observers: loggers, grad-cam/torchcam extractors);\n"
+            "  hooks='keep'    run them inside the copy (only for hooks that are pure functions of their inputs);\n"
+            "or remove them from the model (handle.remove(), or the extractor's remove_hooks()/__exit__)."
+        )
+
+
+# ------------------------------------------------------------------------------------------ skeleton
+def _skeleton(module: nn.Module, policy: HookPolicy, memo: dict[int, nn.Module]) -> nn.Module:
+    """A structural copy of ``module`` that shares tensors but no mutable container with it."""
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = copy.copy(module)
+    memo[id(module)] = clone
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    keep = _weight_hooks()
+    kept_ids: set[int] = set()
+    for name in _HOOK_DICTS:
+        hooks = getattr(module, name, None)
+        if hooks is not None:
+            kept = OrderedDict((k, v) for k, v in hooks.items() if policy == "keep" or isinstance(v, keep))
+            kept_ids |= set(kept)
+            object.__setattr__(clone, name, kept)
+    for name in _HOOK_SIDE_DICTS:  # bookkeeping keyed by hook id
+        hooks = getattr(module, name, None)
+        if hooks is not None:
+            object.__setattr__(clone, name, OrderedDict((k, v) for k, v in hooks.items() if k in kept_ids))
+    clone._modules = {k: None if m is None else _skeleton(m, policy, memo) for k, m in module._modules.items()}
+    return clone
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    """Everything that changes the traced graph: structure, per-module mode, hooks."""
+    return tuple(
+        (id(m), type(m), m.training, *(tuple(getattr(m, h, ())) for h in _HOOK_DICTS)) for m in model.modules()
+    )
+
+
+# --------------------------------------------------------------------------------------------- trace
+def _leaf_ops() -> list[type]:
+    return [
+        obj
+        for obj in vars(torchvision.ops).values()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj is not nn.Module
+    ]
+
+
+def _tracer_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
+    kwargs = dict(options or {})
+    kwargs.pop("concrete_args", None)
+    kwargs["autowrap_modules"] = tuple(set(kwargs.get("autowrap_modules", ())) | {math, torchvision.ops})
+    kwargs["leaf_modules"] = list(set(kwargs.get("leaf_modules", [])) | set(_leaf_ops()))
+    return kwargs
+
+
+def _freeze(options: dict[str, Any] | None) -> tuple:
+    def key(v: Any) -> Any:
+        if isinstance(v, dict):
+            return tuple(sorted((k, key(x)) for k, x in v.items()))
+        if isinstance(v, list | tuple | set | frozenset):
+            return tuple(sorted((key(x) for x in v), key=repr))
+        return v if isinstance(v, str | int | float | bool | type(None)) else id(v)
+
+    return key(options or {})
+
+
+@dataclass
+class Traced:
+    """A model traced once: the plain graph module, node names and cached rewrites and shapes."""
+
+    module: fx.GraphModule
+    qualname: dict[str, str]  # fx node name -> module-path name ("layer4.1.relu_1")
+    state_keys: frozenset[str]
+    engines: dict[tuple, Engine] = field(default_factory=dict)
+    shapes: dict[tuple, dict[str, tuple[torch.Size, torch.dtype] | None]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def names(self) -> list[str]:
+        """Every node name a user may pass as ``layer``, in execution order."""
+        return list(self.qualname.values())
+
+    def resolve(self, layer: str) -> str:
+        """fx node name for a node name (``"layer4.1.relu_1"``) or module path (``"layer4"``)."""
+        by_qual = {q: n for n, q in self.qualname.items()}
+        if layer in by_qual:
+            return by_qual[layer]
+        depth = layer.count(".") + 1
+        for node, qual in reversed(self.qualname.items()):  # last node inside the module
+            if ".".join(qual.split(".")[:depth]) == layer:
+                return node
+        paths = {".".join(q.split(".")[:i]) for q in self.qualname.values() for i in range(1, q.count(".") + 1)}
+        hint = nearest(layer, [*paths, *self.qualname.values()])
+        raise LayerError(
+            f"layer {layer!r} is neither a node nor a module path of the traced model. "
+            f"Nearest names: {', '.join(hint) or '(none)'}. camfn.layers(model) lists them all."
+        )
+
+    def node_shapes(self, x: torch.Tensor) -> dict[str, tuple[torch.Size, torch.dtype] | None]:
+        """Output (shape, dtype) of every node for an input like ``x``, by fake-tensor propagation.
+
+        Only ``x``'s shape, dtype and device are used (its logical shape under ``vmap``), so this is
+        cheap, pure and cached.
+        """
+        key = (tuple(x.shape), x.dtype, x.device.type)
+        if key not in self.shapes:
+            with self.lock:
+                mode = FakeTensorMode(allow_non_fake_inputs=True)
+                with mode:
+                    fake = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                try:
+                    FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(fake)
+                except Exception as err:  # noqa: BLE001 - reported with context
+                    raise TraceError(
+                        f"running the traced model on an input of shape {tuple(x.shape)} failed: {err}"
+                    ) from err
+
+                def info(v: Any) -> Any:
+                    return (v.shape, v.dtype) if isinstance(v, torch.Tensor) else None
+
+                out = {n.name: info(n.meta.get("val")) for n in self.module.graph.nodes}
+                out["output"] = torch.utils._pytree.tree_map(info, self._output_val())
+                self.shapes[key] = out
+        return self.shapes[key]
+
+    def _output_val(self) -> Any:
+        node = next(n for n in self.module.graph.nodes if n.op == "output")
+        return torch.utils._pytree.tree_map(
+            lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a,
+            node.args[0],
+        )
+
+
+_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]] = weakref.WeakKeyDictionary()
+_CACHE_LOCK = threading.Lock()
+
+
+def trace(
+    model: nn.Module,
+    *,
+    hooks: HookPolicy = "error",
+    tracer_options: dict[str, Any] | None = None,
+) -> Traced:
+    """Trace ``model`` (a skeleton copy of it) in its current mode; cached.
+
+    Args:
+        model: the user's module; it is read, never written.
+        hooks: what to do with forward/backward hooks camfn did not register: ``"error"`` (default:
+            raise :class:`~camfn.errors.HookError` naming them), ``"ignore"`` (trace a copy without them),
+            ``"keep"`` (run them inside the copy). Pruning, weight-norm and spectral-norm hooks are kept.
+        tracer_options: passed to ``NodePathTracer`` (``leaf_modules``, ``autowrap_functions``,
+            ``autowrap_modules``, ``param_shapes_constant``) and ``concrete_args`` to ``trace``: the escape
+            hatch for code torch.fx cannot trace.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_hooks(model, hooks)
+    key = (_fingerprint(model), hooks, _freeze(tracer_options))
+    with _CACHE_LOCK:
+        per_model = _CACHE.setdefault(model, {})
+        if key in per_model:
+            return per_model[key]
+        per_model.clear()  # structure or mode changed: old graphs are stale
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError(
+            "TorchScript modules cannot be traced by torch.fx; explain the original nn.Module instead."
+        )
+    skeleton = _skeleton(model, hooks, {})
+    tracer = NodePathTracer(**_tracer_kwargs(tracer_options))
+    try:
+        graph = tracer.trace(skeleton, concrete_args=(tracer_options or {}).get("concrete_args"))
+    except Exception as err:  # noqa: BLE001 - re-raised with the way out
+        raise TraceError(
+            f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
+            "Ways out: mark the untraceable submodules as leaves, "
+            "tracer_options={'leaf_modules': [TheirClass]}; wrap free functions with "
+            "tracer_options={'autowrap_functions': [fn]}; or fix Python control flow on tensor values with "
+            "tracer_options={'concrete_args': {...}}."
+        ) from err
+    module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    qualname = {n.name: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
+    state_keys = frozenset(k for k, _ in model.named_parameters(remove_duplicate=False)) | frozenset(
+        k for k, _ in model.named_buffers(remove_duplicate=False)
+    )
+    traced = Traced(module=module, qualname=qualname, state_keys=state_keys)
+    with _CACHE_LOCK:
+        _CACHE.setdefault(model, {})[key] = traced
+    return traced
+
+
+# ------------------------------------------------------------------------------------------- rewrite
+def _impure(node: fx.Node) -> bool:
+    if node.is_impure():
+        return True
+    target = getattr(node.target, "__name__", node.target)
+    return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """The rewritten graph: ``module(x, *deltas) -> (output, acts)`` (or ``acts`` when headless).
+
+    ``layers`` are fx node names, ``names`` the module-path names a user sees.
+    """
+
+    traced: Traced
+    module: fx.GraphModule
+    layers: tuple[str, ...]
+    names: tuple[str, ...]
+    with_output: bool
+
+    def delta_shapes(self, x: torch.Tensor) -> list[tuple[torch.Size, torch.dtype]]:
+        shapes = self.traced.node_shapes(x)
+        out = []
+        for node, name in zip(self.layers, self.names, strict=True):
+            info = shapes[node]
+            if info is None:
+                raise LayerError(f"layer {name!r} does not produce a tensor; pick a node that does")
+            out.append(info)
+        return out
+
+
+def engine(traced: Traced, layers: Sequence[str], *, with_output: bool = True) -> Engine:
+    """Rewrite the traced graph to inject ``delta`` after each of ``layers`` (fx node names); cached."""
+    key = (tuple(layers), with_output)
+    if key in traced.engines:
+        return traced.engines[key]
+    if len(set(layers)) != len(layers):
+        raise LayerError(f"the same layer is requested twice: {[traced.qualname[n] for n in layers]}")
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(traced.module.graph, env)
+    old = {n.name: n for n in traced.module.graph.nodes}
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    deltas = []
+    for i, _ in enumerate(layers):
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(f"camfn_delta_{i}")
+            deltas.append(anchor)
+    acts = []
+    for name, delta in zip(layers, deltas, strict=True):
+        act = env[old[name]]
+        with graph.inserting_after(act):
+            perturbed = graph.call_function(operator.add, (act, delta))
+        act.replace_all_uses_with(perturbed, delete_user_cb=lambda user, p=perturbed: user is not p)
+        acts.append(act)
+    graph.output((output, tuple(acts)) if with_output else tuple(acts))
+    module = fx.GraphModule(traced.module, graph, traced.module.__class__.__name__)
+    if not with_output:
+        module.graph.eliminate_dead_code(is_impure_node=_impure)
+        module.recompile()
+    result = Engine(
+        traced=traced,
+        module=module,
+        layers=tuple(layers),
+        names=tuple(traced.qualname[n] for n in layers),
+        with_output=with_output,
+    )
+    traced.engines[key] = result
+    return result
+
+
+# ------------------------------------------------------------------------------------------- layers
+class LayerInfo(NamedTuple):
+    """One traced node: its name (what to pass as ``layer``), op, module type and output shape."""
+
+    name: str
+    op: str
+    module: str
+    shape: tuple[int, ...] | None
+
+
+def _module_path(model: nn.Module, layer: nn.Module) -> str:
+    for path, module in model.named_modules():
+        if module is layer:
+            return path
+    raise LayerError(
+        f"the module {type(layer).__name__} passed as layer is not a submodule of the model; "
+        "pass one of model.modules() or its path as a string"
+    )
+
+
+def layer_names(model: nn.Module, layer: Layer | Sequence[Layer] | None) -> list[Layer] | None:
+    """Normalise ``layer`` to a list of names (modules are turned into their paths)."""
+    if layer is None:
+        return None
+    items = [layer] if isinstance(layer, str | nn.Module) else list(layer)
+    if not items:
+        raise LayerError("layer is an empty list; pass at least one layer name")
+    return [_module_path(model, x) if isinstance(x, nn.Module) else x for x in items]
+
+
+def spatial(shape: tuple[int, ...] | None) -> bool:
+    """True for ``(B, K, *spatial)`` with at least one spatial extent above 1."""
+    return shape is not None and len(shape) >= 3 and math.prod(shape[2:]) > 1
+
+
+def default_layer(traced: Traced, x: torch.Tensor) -> str:
+    """The last node whose output is ``(B, K, h, w, ...)`` with ``h * w > 1`` (as torchcam chooses)."""
+    shapes = traced.node_shapes(x)
+    for node in reversed(list(traced.qualname)):
+        info = shapes.get(node)
+        if info is not None and spatial(tuple(info[0])) and len(info[0]) == x.ndim:
+            return node
+    raise LayerError(
+        "no layer of this model has a spatial output (B, K, h, w) with h * w > 1; pass layer= explicitly "
+        "(camfn.layers(model, x) lists the candidates)"
+    )
+
+
+def layers(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[int] | None = None,
+    *,
+    hooks: HookPolicy = "error",
+    tracer_options: dict[str, Any] | None = None,
+) -> list[LayerInfo]:
+    """List the layers a user can pass, in execution order, with output shapes for input ``x``.
+
+    Args:
+        model: the model (not modified).
+        x: an example input or its shape, e.g. ``(1, 3, 224, 224)``; without it shapes are ``None``.
+
+    Example:
+        >>> import torchvision, camfn
+        >>> info = camfn.layers(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
+        >>> info[-4]
+        LayerInfo(name='layer4.1.relu_1', op='call_module', module='ReLU', shape=(1, 512, 2, 2))
+    """
+    traced = trace(model, hooks=hooks, tracer_options=tracer_options)
+    if x is not None and not isinstance(x, torch.Tensor):
+        x = torch.empty(tuple(x))
+    shapes = traced.node_shapes(x) if x is not None else {}
+    nodes = {n.name: n for n in traced.module.graph.nodes}
+    out = []
+    for name, qual in traced.qualname.items():
+        node = nodes[name]
+        if node.op == "call_module":
+            kind = type(traced.module.get_submodule(node.target)).__name__
+        else:
+            kind = getattr(node.target, "__name__", str(node.target))
+        info = shapes.get(name)
+        out.append(LayerInfo(qual, node.op, kind, tuple(info[0]) if info else None))
+    return out
+
+
+def resolve_layers(
+    traced: Traced, model: nn.Module, layer: Layer | Sequence[Layer] | None, x: torch.Tensor
+) -> tuple[list[str], bool]:
+    """fx node names for ``layer`` (``None``: the default layer) and whether a single layer was given."""
+    names = layer_names(model, layer)
+    if names is None:
+        return [default_layer(traced, x)], True
+    single = isinstance(layer, str | nn.Module)
+    return [traced.resolve(n) for n in names], single
+
