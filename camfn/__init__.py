@@ -15,7 +15,7 @@ Example:
 from . import errors, forward, graph, postprocess, targets
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
 from .forward import params
-from .graph import LayerInfo, layers
+from .graph import LayerInfo, default_layer, layers
 from .methods import (
     cam,
     eigencam,
@@ -56,6 +56,7 @@ __all__ = [
     "TargetError",
     "TraceError",
     "cam",
+    "default_layer",
     "eigencam",
     "eigengradcam",
     "errors",

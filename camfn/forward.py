@@ -30,7 +30,7 @@ from torch.func import functional_call, vjp, vmap
 from .errors import InputError, TargetError
 from .graph import Engine, trace
 
-__all__ = ["Gradients", "apply", "activations", "gradients", "params", "run"]
+__all__ = ["Gradients", "activations", "apply", "gradients", "params", "run"]
 
 Params = dict[str, Tensor]
 

@@ -31,7 +31,7 @@ import operator
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -45,7 +45,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import HookError, LayerError, TraceError, nearest
 
-__all__ = ["Engine", "LayerInfo", "Traced", "engine", "layers", "trace"]
+__all__ = ["Engine", "LayerInfo", "Traced", "default_layer", "engine", "layers", "trace"]
 
 Layer = str | nn.Module
 HookPolicy = Literal["error", "ignore", "keep"]
@@ -227,30 +227,47 @@ class Traced:
         key = (tuple(x.shape), x.dtype, x.device.type)
         if key not in self.shapes:
             with self.lock:
-                mode = FakeTensorMode(allow_non_fake_inputs=True)
-                with mode:
-                    fake = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                try:
-                    FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(fake)
-                except Exception as err:  # noqa: BLE001 - reported with context
-                    raise TraceError(
-                        f"running the traced model on an input of shape {tuple(x.shape)} failed: {err}"
-                    ) from err
-
-                def info(v: Any) -> Any:
-                    return (v.shape, v.dtype) if isinstance(v, torch.Tensor) else None
-
-                out = {n.name: info(n.meta.get("val")) for n in self.module.graph.nodes}
-                out["output"] = torch.utils._pytree.tree_map(info, self._output_val())
-                self.shapes[key] = out
+                self.shapes[key] = self._propagate(x)
         return self.shapes[key]
 
-    def _output_val(self) -> Any:
+    def _propagate(self, x: torch.Tensor) -> dict[str, Any]:
+        def info(v: Any) -> Any:
+            return (v.shape, v.dtype) if isinstance(v, torch.Tensor) else None
+
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            fake = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        try:
+            FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(fake)
+            values = {n.name: n.meta.get("val") for n in self.module.graph.nodes}
+            output = self._output_val(values)
+        except Exception:
+            values, output = self._run_zeros(x)
+        out = {name: info(v) for name, v in values.items()}
+        out["output"] = torch.utils._pytree.tree_map(info, output)
+        return out
+
+    def _run_zeros(self, x: torch.Tensor) -> tuple[dict[str, Any], Any]:
+        """Shapes from one real forward of zeros (for graphs fake tensors cannot run)."""
+        values: dict[str, Any] = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                values[n.name] = result = super().run_node(n)
+                return result
+
+        try:
+            with torch.no_grad():
+                output = Recorder(self.module).run(torch.zeros(x.shape, dtype=x.dtype, device=x.device))
+        except Exception as err:
+            raise TraceError(
+                f"running the traced model on an input of shape {tuple(x.shape)} failed: {type(err).__name__}: {err}"
+            ) from err
+        return values, output
+
+    def _output_val(self, values: dict[str, Any]) -> Any:
         node = next(n for n in self.module.graph.nodes if n.op == "output")
-        return torch.utils._pytree.tree_map(
-            lambda a: a.meta.get("val") if isinstance(a, fx.Node) else a,
-            node.args[0],
-        )
+        return torch.utils._pytree.tree_map(lambda a: values[a.name] if isinstance(a, fx.Node) else a, node.args[0])
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]] = weakref.WeakKeyDictionary()
@@ -284,14 +301,12 @@ def trace(
             return per_model[key]
         per_model.clear()  # structure or mode changed: old graphs are stale
     if isinstance(model, torch.jit.ScriptModule):
-        raise TraceError(
-            "TorchScript modules cannot be traced by torch.fx; explain the original nn.Module instead."
-        )
+        raise TraceError("TorchScript modules cannot be traced by torch.fx; explain the original nn.Module instead.")
     skeleton = _skeleton(model, hooks, {})
     tracer = NodePathTracer(**_tracer_kwargs(tracer_options))
     try:
         graph = tracer.trace(skeleton, concrete_args=(tracer_options or {}).get("concrete_args"))
-    except Exception as err:  # noqa: BLE001 - re-raised with the way out
+    except Exception as err:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
             "Ways out: mark the untraceable submodules as leaves, "
@@ -417,7 +432,7 @@ def spatial(shape: tuple[int, ...] | None) -> bool:
     return shape is not None and len(shape) >= 3 and math.prod(shape[2:]) > 1
 
 
-def default_layer(traced: Traced, x: torch.Tensor) -> str:
+def _default_node(traced: Traced, x: torch.Tensor) -> str:
     """The last node whose output is ``(B, K, h, w, ...)`` with ``h * w > 1`` (as torchcam chooses)."""
     shapes = traced.node_shapes(x)
     for node in reversed(list(traced.qualname)):
@@ -428,6 +443,25 @@ def default_layer(traced: Traced, x: torch.Tensor) -> str:
         "no layer of this model has a spatial output (B, K, h, w) with h * w > 1; pass layer= explicitly "
         "(camfn.layers(model, x) lists the candidates)"
     )
+
+
+def default_layer(
+    model: nn.Module,
+    x: torch.Tensor | Sequence[int],
+    *,
+    hooks: HookPolicy = "error",
+    tracer_options: dict[str, Any] | None = None,
+) -> str:
+    """The layer ``layer=None`` picks: the last one whose output has a spatial extent above 1.
+
+    Example:
+        >>> import torchvision, camfn
+        >>> camfn.default_layer(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
+        'layer4.1.relu_1'
+    """
+    traced = trace(model, hooks=hooks, tracer_options=tracer_options)
+    x = x if isinstance(x, torch.Tensor) else torch.empty(tuple(x))
+    return traced.qualname[_default_node(traced, x)]
 
 
 def layers(
@@ -472,7 +506,6 @@ def resolve_layers(
     """fx node names for ``layer`` (``None``: the default layer) and whether a single layer was given."""
     names = layer_names(model, layer)
     if names is None:
-        return [default_layer(traced, x)], True
+        return [_default_node(traced, x)], True
     single = isinstance(layer, str | nn.Module)
     return [traced.resolve(n) for n in names], single
-

@@ -113,7 +113,9 @@ def _check_range(target: Tensor, num_classes: int | None) -> None:
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
-        raise TargetError(f"target class {bad} is out of range: the model has {num_classes} outputs (0..{num_classes - 1})")
+        raise TargetError(
+            f"target class {bad} is out of range: the model has {num_classes} outputs (0..{num_classes - 1})"
+        )
 
 
 def scores(target: Target, batch: int, num_classes: int | None) -> ScoreFn:

@@ -106,4 +106,3 @@ def eigencam(
     """
     del target
     return explain(model, params, x, layer, None, _eigencam, uses_gradient=False, **options)
-

@@ -54,7 +54,9 @@ def _options(options: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, An
                 f"unknown option {key!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Options: {known}"
             )
     size = options.get("size", "input")
-    if not (size is None or size == "input" or (isinstance(size, tuple | list) and all(isinstance(s, int) for s in size))):
+    if not (
+        size is None or size == "input" or (isinstance(size, tuple | list) and all(isinstance(s, int) for s in size))
+    ):
         raise OptionError(f"size={size!r}: use 'input', None or a tuple of ints such as (224, 224)")
     return {**_DEFAULTS, **options}
 

@@ -1,0 +1,423 @@
+"""Speed of camfn's Grad-CAM against grad-cam, torchcam and the plain forward pass (CPU or CUDA).
+
+Run from the repository root, either way::
+
+    python -m benchmarks.speed                 # resnet50, batch 8, 224 px, 5 repeats (a few minutes on 2 cores)
+    python benchmarks/speed.py --quick         # resnet18, batch 2, 112 px, 2 repeats (about a minute)
+    python -m benchmarks.speed --markdown      # tables as markdown, for the README
+    python -m benchmarks.speed --profile       # also: where camfn's time goes (cProfile + torch.profiler)
+
+What is timed, all in one process, on one random-weight torchvision model in eval mode:
+
+1. one target per image: ``camfn.gradcam(model, params, x, layer, target)`` with a ``(B,)`` class tensor,
+   grad-cam ``GradCAM(model, [layer[-1]])(x, targets)`` and torchcam ``GradCAM(model, layer)`` (forward with
+   gradients inside the extractor's life, then ``extractor(class_idx, scores)``);
+2. ``T`` targets per image (default 10): camfn with one ``(B, T)`` target tensor, against ``T`` calls of
+   each reference with one class per image each (and torchcam's cheapest way: one forward, ``T`` backward
+   passes with ``retain_graph=True``);
+3. the physical floor: one ``torch.no_grad()`` forward of the same model on the same batch.
+
+Every library gets its own ``copy.deepcopy`` of the model (same weights): the references register hooks,
+and camfn refuses hooked models by default. Each case is called once untimed first (for camfn that call
+traces the model and is reported as "first call (trace)"), then the cases run round-robin ``--repeats``
+times and the median (and min) of each is reported. Ratios use medians. Nothing is asserted.
+
+What comes back differs by default and is *not* equalised: camfn and grad-cam resize the maps to the input
+size (camfn with ``F.interpolate`` on the tensor, grad-cam with cv2 on numpy arrays, per map), torchcam
+returns maps at the layer's resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import cProfile
+import importlib.metadata
+import io
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import camfn
+
+TARGET_FORWARD = 1.25  # camfn 1-target time / plain forward time
+TARGET_MULTI = 1.3  # camfn T-target time / camfn 1-target time
+
+
+# ------------------------------------------------------------------------------------------ options
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default=None, help="torchvision model name [resnet50; --quick: resnet18]")
+    parser.add_argument("--layer", default="layer4", help="layer (module path) to explain")
+    parser.add_argument("--batch", type=int, default=None, help="batch size [8; --quick: 2]")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels [224; --quick: 112]")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case [5; --quick: 2]")
+    parser.add_argument("--targets", type=int, default=10, help="classes per image in the multi-target case")
+    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18, batch 2, 112 px, 2 repeats")
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument("--profile", action="store_true", help="profile camfn's calls after timing")
+    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = {"model": "resnet18", "batch": 2, "size": 112, "repeats": 2}
+    full = {"model": "resnet50", "batch": 8, "size": 224, "repeats": 5}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.repeats < 1 or args.batch < 1 or args.targets < 1:
+        parser.error("--repeats, --batch and --targets must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ environment
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def header(args: argparse.Namespace) -> list[str]:
+    dev = torch.device(args.device)
+    lines = [
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, camfn {camfn.__version__}, "
+        f"grad-cam {version('grad-cam')}, torchcam {version('torchcam')}, python {platform.python_version()}",
+        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch threads: {torch.get_num_threads()}, "
+        f"load average at start: {loadavg()}",
+    ]
+    if dev.type == "cuda":
+        lines.append(f"GPU: {torch.cuda.get_device_name(dev)}")
+    lines.append(
+        f"model {args.model} (random weights, eval), layer {args.layer!r}, batch {args.batch}, "
+        f"{args.size}x{args.size} px, float32, device {args.device}, {args.targets} targets in the multi-target case, "
+        f"median of {args.repeats} round-robin repeats after one untimed call per case"
+    )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ timing
+@dataclass
+class Case:
+    """One timed thing. ``group`` is "1" (one target per image), "T" (many) or "floor"."""
+
+    name: str
+    group: str
+    fn: Callable[[], object]
+    note: str = ""
+    warm: bool = True  # call once untimed before the repeats (False: the code path is already warm)
+    first: float | None = None
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+# ------------------------------------------------------------------------------------------ contenders
+def last_module(model: nn.Module, path: str) -> nn.Module:
+    """grad-cam's usual target: the last block of a Sequential (``model.layer4[-1]``), else the module."""
+    module = model.get_submodule(path)
+    return module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+
+
+def build(args: argparse.Namespace):  # noqa: C901 - one flat list of cases reads best
+    from pytorch_grad_cam import GradCAM as GCGradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    from torchcam.methods import GradCAM as TCGradCAM
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    base = torchvision.models.get_model(args.model, weights=None).eval().to(device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    with torch.no_grad():
+        num_classes = base(x).shape[1]
+    gen = torch.Generator().manual_seed(args.seed)
+    one = torch.randint(0, num_classes, (args.batch,), generator=gen).to(device)
+    many = torch.stack([torch.randperm(num_classes, generator=gen)[: args.targets] for _ in range(args.batch)]).to(
+        device
+    )
+    one_list = one.tolist()
+    many_cols = [many[:, j].tolist() for j in range(args.targets)]
+
+    m_camfn, m_gc, m_tc = (copy.deepcopy(base) for _ in range(3))
+    p = camfn.params(m_camfn)
+    gc_cam = GCGradCAM(m_gc, [last_module(m_gc, args.layer)])
+    tc_cam = TCGradCAM(m_tc, args.layer)
+
+    def floor() -> object:
+        with torch.no_grad():
+            return base(x)
+
+    def camfn_one() -> Tensor:
+        return camfn.gradcam(m_camfn, p, x, args.layer, one)
+
+    def camfn_many() -> Tensor:
+        return camfn.gradcam(m_camfn, p, x, args.layer, many)
+
+    def gc_call(classes: list[int]):
+        return gc_cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+
+    def tc_call(classes: list[int]) -> Tensor:
+        with torch.enable_grad():
+            scores = m_tc(x)
+            return tc_cam(class_idx=classes, scores=scores)[0]
+
+    def tc_retain() -> list[Tensor]:
+        with torch.enable_grad():
+            scores = m_tc(x)
+            last = len(many_cols) - 1
+            return [tc_cam(class_idx=c, scores=scores, retain_graph=j < last)[0] for j, c in enumerate(many_cols)]
+
+    T = args.targets
+    cases = [
+        Case("torch.no_grad() forward", "floor", floor, "the physical floor"),
+        Case("camfn.gradcam", "1", camfn_one, "(B,) target; maps resized to input"),
+        Case("grad-cam GradCAM", "1", lambda: gc_call(one_list), "numpy, resized to input (cv2)"),
+        Case("torchcam GradCAM", "1", lambda: tc_call(one_list), "layer resolution, not resized"),
+        Case("camfn.gradcam", "T", camfn_many, f"one (B, {T}) target"),
+        Case("grad-cam GradCAM", "T", lambda: [gc_call(c) for c in many_cols], f"{T} calls", warm=False),
+        Case("torchcam GradCAM", "T", lambda: [tc_call(c) for c in many_cols], f"{T} calls", warm=False),
+        Case("torchcam GradCAM, retain_graph", "T", tc_retain, f"1 forward + {T} backward"),
+    ]
+
+    def close() -> list[str]:
+        """Remove the references' hooks; report what each library left behind on its model."""
+        notes = []
+        gc_cam.activations_and_grads.release()
+        tc_cam.remove_hooks()
+        for name, model in (("camfn", m_camfn), ("grad-cam", m_gc), ("torchcam", m_tc), ("plain forward", base)):
+            training = sum(m.training for m in model.modules())
+            grads = sum(q.grad is not None for q in model.parameters())
+            hooks = len(camfn.graph.foreign_hooks(model))
+            notes.append(
+                f"{name} model after the run: {training} module(s) in train mode, {grads} parameter(s) with .grad, "
+                f"{hooks} hook(s) left"
+            )
+        # grad-cam's constructor switches the model to eval mode (train-mode BatchNorm/Dropout users beware).
+        probe = copy.deepcopy(base).train()
+        with GCGradCAM(probe, [last_module(probe, args.layer)]):
+            pass
+        notes.append(
+            f"grad-cam GradCAM(model.train(), ...) leaves model.training={probe.training} "
+            "(its constructor calls model.eval())"
+        )
+        return notes
+
+    def agreement() -> list[str]:
+        """Same work? Max abs difference of the 1-target maps (both already in [0, 1])."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours = camfn_one().cpu()
+            ref = torch.as_tensor(gc_call(one_list))
+            ours_small = camfn.gradcam(m_camfn, p, x, args.layer, one, size=None).cpu()
+            tc = tc_call(one_list).cpu()
+        return [
+            f"camfn vs grad-cam maps (input size): max |diff| = {(ours - ref).abs().max():.2e}",
+            f"camfn(size=None) vs torchcam maps (layer size): max |diff| = {(ours_small - tc).abs().max():.2e}",
+        ]
+
+    return cases, close, agreement, (m_camfn, p, x, one, many)
+
+
+# ------------------------------------------------------------------------------------------ report
+def fmt(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def table(rows: list[list[str]], head: list[str], markdown: bool) -> str:
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        out += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(out)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
+    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def report(cases: list[Case], args: argparse.Namespace) -> str:
+    T = args.targets
+    floor = next(c for c in cases if c.group == "floor")
+    ours = {c.group: c for c in cases if c.name == "camfn.gradcam"}
+    group_name = {"floor": "forward", "1": "1 target / image", "T": f"{T} targets / image"}
+    rows = []
+    for c in cases:
+        mine = ours.get(c.group)
+        rel = f"{c.median / mine.median:.2f}x" if mine is not None else "-"
+        rows.append(
+            [
+                group_name[c.group],
+                c.name,
+                fmt(c.first),
+                fmt(c.median),
+                fmt(c.best),
+                f"{c.median / floor.median:.2f}x",
+                rel,
+                c.note,
+            ]
+        )
+    head = ["case", "method", "first call", "median", "min", "/ forward", "/ camfn", "notes"]
+    out = [table(rows, head, args.markdown), ""]
+
+    one, many = ours["1"], ours["T"]
+    checks = [
+        [
+            "camfn 1 target / no_grad forward",
+            f"{one.median / floor.median:.2f}",
+            f"{one.best / floor.best:.2f}",
+            f"<= {TARGET_FORWARD}",
+            "met" if one.median / floor.median <= TARGET_FORWARD else "MISSED",
+        ],
+        [
+            f"camfn {T} targets / camfn 1 target",
+            f"{many.median / one.median:.2f}",
+            f"{many.best / one.best:.2f}",
+            f"<= {TARGET_MULTI}",
+            "met" if many.median / one.median <= TARGET_MULTI else "MISSED",
+        ],
+    ]
+    for c in cases:
+        if c.group in ("1", "T") and c.name != "camfn.gradcam":
+            mine = ours[c.group]
+            checks.append(
+                [
+                    f"{c.name} ({group_name[c.group]}) / camfn",
+                    f"{c.median / mine.median:.2f}",
+                    f"{c.best / mine.best:.2f}",
+                    "",
+                    "",
+                ]
+            )
+    out.append(table(checks, ["ratio", "by median", "by min", "target", ""], args.markdown))
+    out.append("")
+    out.append(
+        f'"first call" is the untimed first call of each case; for camfn 1 target it includes tracing the model '
+        f"(torch.fx), the graph rewrite and fake-tensor shape propagation, all cached afterwards. "
+        f"The {T}-call reference loops reuse the warm 1-target code path and have no first call of their own."
+    )
+    out.append(
+        "Outputs are not equalised: camfn and grad-cam resize to the input size, torchcam returns "
+        "layer-resolution maps."
+    )
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ profile
+def profile(state: tuple, args: argparse.Namespace) -> str:
+    m_camfn, p, x, one, many = state
+    out = []
+    for label, target in (("1 target", one), (f"{args.targets} targets", many)):
+        camfn.gradcam(m_camfn, p, x, args.layer, target)  # warm
+        prof = cProfile.Profile()
+        prof.enable()
+        camfn.gradcam(m_camfn, p, x, args.layer, target)
+        prof.disable()
+        buf = io.StringIO()
+        stats = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
+        stats.print_stats(r"camfn|torch/_functorch|torch/fx|functional_call|stateless", 25)
+        out.append(f"--- cProfile, camfn.gradcam, {label} (cumulative; camfn, functorch, fx frames) ---")
+        out.append(buf.getvalue().split("\n\n", 1)[-1].strip())
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
+            camfn.gradcam(m_camfn, p, x, args.layer, target)
+        out.append(f"--- torch.profiler, camfn.gradcam, {label} (top ops by self CPU time) ---")
+        out.append(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    for line in header(args):
+        print(("- " if args.markdown else "") + line)
+    print(flush=True)
+
+    cases, close, agreement, state = build(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the references' deprecation chatter
+        for c in cases:
+            if c.warm:
+                c.first, _ = timed(c.fn, device)
+                print(f"  first call  {c.group:>5}  {c.name:<32} {fmt(c.first)}", file=sys.stderr, flush=True)
+        for r in range(args.repeats):
+            for c in cases:
+                seconds, _ = timed(c.fn, device)
+                c.times.append(seconds)
+            print(f"  repeat {r + 1}/{args.repeats} done, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    print(report(cases, args))
+    print()
+    for line in agreement():
+        print(("- " if args.markdown else "") + line)
+    if args.profile:
+        print()
+        print(profile(state, args))
+    for line in close():
+        print(("- " if args.markdown else "") + line)
+    print(
+        ("- " if args.markdown else "")
+        + f"load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
