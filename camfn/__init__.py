@@ -12,11 +12,12 @@ Example:
     (torch.Size([2, 64, 64]), 0.0, 1.0)
 """
 
-from . import errors, forward, graph, postprocess, targets
+from . import errors, forward, graph, noise, postprocess, smoothing, targets
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
 from .forward import params
 from .graph import LayerInfo, default_layer, layers
 from .methods import (
+    ablationcam,
     cam,
     eigencam,
     eigengradcam,
@@ -24,7 +25,11 @@ from .methods import (
     gradcam_elementwise,
     gradcampp,
     hirescam,
+    iscam,
     layercam,
+    scorecam,
+    smooth_gradcampp,
+    sscam,
     xgradcam,
 )
 from .postprocess import fuse
@@ -41,6 +46,11 @@ METHODS = {
     "eigengradcam": eigengradcam,
     "cam": cam,
     "eigencam": eigencam,
+    "smooth_gradcampp": smooth_gradcampp,
+    "ablationcam": ablationcam,
+    "scorecam": scorecam,
+    "sscam": sscam,
+    "iscam": iscam,
 }
 """Every method by name."""
 
@@ -55,6 +65,7 @@ __all__ = [
     "OptionError",
     "TargetError",
     "TraceError",
+    "ablationcam",
     "cam",
     "default_layer",
     "eigencam",
@@ -67,10 +78,16 @@ __all__ = [
     "gradcampp",
     "graph",
     "hirescam",
+    "iscam",
     "layercam",
     "layers",
+    "noise",
     "params",
     "postprocess",
+    "scorecam",
+    "smooth_gradcampp",
+    "smoothing",
+    "sscam",
     "targets",
     "xgradcam",
 ]

@@ -21,13 +21,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import warnings
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 
-from .errors import InputError, TargetError
+from .errors import TargetError
 from .graph import Engine, trace
 
 __all__ = ["Gradients", "activations", "apply", "gradients", "params", "run"]
@@ -51,25 +53,9 @@ def params(model: nn.Module) -> Params:
     return {k: v.detach() for k, v in state.items()}
 
 
-def _state(engine: Engine, p: Params) -> Params:
-    if not isinstance(p, dict):
-        raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(p).__name__}")
-    keys = engine.traced.state_keys
-    unknown = [k for k in p if k not in keys]
-    if unknown:
-        raise InputError(
-            f"params has {len(unknown)} key(s) the model does not have, e.g. {unknown[:3]}; "
-            "build it with camfn.params(model) or model.state_dict() of the same architecture"
-        )
-    return p
-
-
 def run(engine: Engine, p: Params, x: Tensor, deltas: tuple[Tensor, ...]) -> Any:
-    """Evaluate the rewritten graph: ``(output, acts)`` (or ``acts`` for a headless engine).
-
-    Keys missing from ``p`` fall back to the model's own tensors (read, never written).
-    """
-    return functional_call(engine.module, _state(engine, p), (x, *deltas), strict=False)
+    """Evaluate the rewritten graph: ``(output, acts)`` (or ``acts`` for a headless engine)."""
+    return engine.program(p, x, *deltas)
 
 
 def zeros(engine: Engine, x: Tensor) -> tuple[Tensor, ...]:
@@ -79,8 +65,7 @@ def zeros(engine: Engine, x: Tensor) -> tuple[Tensor, ...]:
 
 def apply(model: nn.Module, p: Params, x: Tensor, **trace_options: Any) -> Any:
     """The model's output for ``x`` under parameters ``p``: ``f(p, x)``, pure."""
-    traced = trace(model, **trace_options)
-    return functional_call(traced.module, p, (x,), strict=False)
+    return trace(model, **trace_options).program()(p, x)
 
 
 def activations(engine: Engine, p: Params, x: Tensor) -> tuple[Any, tuple[Tensor, ...]]:
@@ -121,3 +106,41 @@ def gradients(engine: Engine, p: Params, x: Tensor, score: Any) -> Gradients:
         cotangents = eye[:, None, :].expand(s.shape[1], s.shape[0], s.shape[1])
         grads = tuple(g.movedim(0, 1) for g in vmap(pull)(cotangents))
     return Gradients(output, tuple(acts), grads, s, squeeze)
+
+
+def chunked(
+    fn: Callable[[Tensor], Tensor],
+    n: int,
+    chunk_size: int | None,
+    *,
+    device: torch.device | str = "cpu",
+    combine: Literal["cat", "sum"] = "cat",
+    progress: bool = False,
+    desc: str = "",
+) -> Tensor:
+    """``fn`` over ``arange(n)`` in chunks of ``chunk_size`` indices, concatenated on axis 0 (or summed).
+
+    The memory bound of every perturbation method: ``fn`` builds and evaluates one chunk at a time.
+    ``chunk_size=None`` evaluates everything at once. ``progress=True`` shows a tqdm bar (optional
+    dependency ``pip install camfn[progress]``).
+    """
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: use a positive int, or None for one chunk")
+    size = n if chunk_size is None else chunk_size
+    starts: Any = range(0, n, size)
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            warnings.warn("progress=True needs tqdm (pip install tqdm); running without a bar", stacklevel=3)
+        else:
+            starts = tqdm(starts, desc=desc, unit="chunk", total=-(-n // size))
+    total: Any = None
+    parts = []
+    for start in starts:
+        out = fn(torch.arange(start, min(start + size, n), device=device))
+        if combine == "sum":  # tensors or tuples of tensors
+            total = out if total is None else torch.utils._pytree.tree_map(torch.add, total, out)
+        else:
+            parts.append(out)
+    return total if combine == "sum" else torch.cat(parts)

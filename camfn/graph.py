@@ -43,9 +43,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
-from .errors import HookError, LayerError, TraceError, nearest
+from .errors import HookError, InputError, LayerError, TraceError, nearest
 
-__all__ = ["Engine", "LayerInfo", "Traced", "default_layer", "engine", "layers", "trace"]
+__all__ = ["Engine", "LayerInfo", "Program", "Split", "Traced", "default_layer", "engine", "layers", "split", "trace"]
 
 Layer = str | nn.Module
 HookPolicy = Literal["error", "ignore", "keep"]
@@ -198,6 +198,12 @@ class Traced:
     shapes: dict[tuple, dict[str, tuple[torch.Size, torch.dtype] | None]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    def program(self) -> Program:
+        """The traced model itself as a pure function ``(params, x) -> output``; cached."""
+        if ("plain",) not in self.engines:
+            self.engines[("plain",)] = _program(self, self.module.graph, prune=False)  # type: ignore[assignment]
+        return self.engines[("plain",)]  # type: ignore[return-value]
+
     def names(self) -> list[str]:
         """Every node name a user may pass as ``layer``, in execution order."""
         return list(self.qualname.values())
@@ -334,14 +340,50 @@ def _impure(node: fx.Node) -> bool:
 
 
 @dataclass(frozen=True)
+class Program:
+    """A graph module called as a pure function of ``(params, *args)``.
+
+    ``params`` may hold any of the model's keys (``known``); those this graph does not read are dropped
+    before ``functional_call`` (which refuses keys of pruned submodules), and missing ones fall back to
+    the model's own tensors (read, never written).
+    """
+
+    module: fx.GraphModule
+    keys: frozenset[str]
+    known: frozenset[str]
+
+    def __call__(self, params: dict[str, torch.Tensor], *args: Any) -> Any:
+        if not isinstance(params, dict):
+            raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
+        unknown = [k for k in params if k not in self.known]
+        if unknown:
+            raise InputError(
+                f"params has {len(unknown)} key(s) the model does not have, e.g. {unknown[:3]}; "
+                "build it with camfn.params(model) or model.state_dict() of the same architecture"
+            )
+        state = {k: v for k, v in params.items() if k in self.keys}
+        return torch.func.functional_call(self.module, state, args, strict=False)
+
+
+def _program(traced: Traced, graph: fx.Graph, prune: bool = True) -> Program:
+    module = fx.GraphModule(traced.module, copy.deepcopy(graph) if graph is traced.module.graph else graph)
+    if prune:
+        module.graph.eliminate_dead_code(is_impure_node=_impure)
+        module.recompile()
+    keys = {k for k, _ in module.named_parameters(remove_duplicate=False)}
+    keys |= {k for k, _ in module.named_buffers(remove_duplicate=False)}
+    return Program(module, frozenset(keys), traced.state_keys)
+
+
+@dataclass(frozen=True)
 class Engine:
-    """The rewritten graph: ``module(x, *deltas) -> (output, acts)`` (or ``acts`` when headless).
+    """The rewritten graph: ``program(params, x, *deltas) -> (output, acts)`` (or ``acts`` when headless).
 
     ``layers`` are fx node names, ``names`` the module-path names a user sees.
     """
 
     traced: Traced
-    module: fx.GraphModule
+    program: Program
     layers: tuple[str, ...]
     names: tuple[str, ...]
     with_output: bool
@@ -382,18 +424,86 @@ def engine(traced: Traced, layers: Sequence[str], *, with_output: bool = True) -
         act.replace_all_uses_with(perturbed, delete_user_cb=lambda user, p=perturbed: user is not p)
         acts.append(act)
     graph.output((output, tuple(acts)) if with_output else tuple(acts))
-    module = fx.GraphModule(traced.module, graph, traced.module.__class__.__name__)
-    if not with_output:
-        module.graph.eliminate_dead_code(is_impure_node=_impure)
-        module.recompile()
     result = Engine(
         traced=traced,
-        module=module,
+        program=_program(traced, graph, prune=not with_output),
         layers=tuple(layers),
         names=tuple(traced.qualname[n] for n in layers),
         with_output=with_output,
     )
     traced.engines[key] = result
+    return result
+
+
+# --------------------------------------------------------------------------------------------- split
+def _inplace(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(root.get_submodule(node.target), "inplace", False))
+    if node.op in ("call_method", "call_function"):
+        name = getattr(node.target, "__name__", node.target)
+        named = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
+        return named or node.kwargs.get("inplace", False) is True
+    return False
+
+
+@dataclass(frozen=True)
+class Split:
+    """The graph cut after one layer: ``head(x) -> (A, extras)`` and ``tail(A, *extras) -> output``.
+
+    ``extras`` are the values computed before the cut that the tail still needs (skip connections that
+    cross it, the input itself). Running the head once and the tail many times is what makes
+    perturbation methods cheap.
+    """
+
+    head: Program
+    tail: Program
+    name: str
+
+
+def split(traced: Traced, layer: str) -> Split:
+    """Cut the traced graph right after node ``layer`` (an fx node name); cached."""
+    key = ("split", layer)
+    if key in traced.engines:
+        return traced.engines[key]  # type: ignore[return-value]
+    nodes = list(traced.module.graph.nodes)
+    cut = next(i for i, n in enumerate(nodes) if n.name == layer)
+    head_nodes, tail_nodes = nodes[: cut + 1], nodes[cut + 1 :]
+    tail_set = set(tail_nodes)
+    act = nodes[cut]
+    crossing = [n for n in head_nodes if n is not act and n.op != "get_attr" and set(n.users) & tail_set]
+
+    head = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in head_nodes:
+        env[n] = head.node_copy(n, lambda a: env[a])
+    head.output((env[act], tuple(env[n] for n in crossing)))
+
+    tail = fx.Graph()
+    tenv: dict[fx.Node, fx.Node] = {act: tail.placeholder("camfn_act")}
+    placeholders = {tenv[act]}
+    for i, n in enumerate(crossing):
+        tenv[n] = tail.placeholder(f"camfn_extra_{i}")
+        placeholders.add(tenv[n])
+    for n in head_nodes:  # parameters read after the cut
+        if n.op == "get_attr" and set(n.users) & tail_set:
+            tenv[n] = tail.node_copy(n)
+    for n in tail_nodes:
+        if n.op == "output":
+            tail.output(fx.map_arg(n.args[0], lambda a: tenv[a]))
+            continue
+        copied = tail.node_copy(n, lambda a: tenv[a])
+        first = copied.args[0] if copied.args else None
+        if _inplace(n, traced.module) and first in placeholders:  # never write the head's values
+            with tail.inserting_before(copied):
+                fresh = tail.call_method("clone", (first,))
+            copied.args = (fresh, *copied.args[1:])
+        tenv[n] = copied
+    result = Split(
+        head=_program(traced, head),
+        tail=_program(traced, tail),
+        name=traced.qualname[layer],
+    )
+    traced.engines[key] = result  # type: ignore[assignment]
     return result
 
 

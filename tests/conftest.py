@@ -66,6 +66,20 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_xdist_worker():
+    """Two xdist workers with two torch threads each oversubscribe two cores (forwards 100x slower)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(threads)
+    else:
+        yield
+
+
 @pytest.fixture(scope="module")
 def gapnet() -> nn.Module:
     torch.manual_seed(0)

@@ -118,8 +118,20 @@ def test_cam_without_classifier() -> None:
             return self.conv(x).mean((2, 3))
 
     model = NoLinear().eval()
-    with pytest.raises(camfn.LayerError, match=r"linear classifier.*fc="):
+    with pytest.raises(camfn.LayerError, match=r"not produced by an nn.Linear.*gradcam.*fc="):
         camfn.cam(model, camfn.params(model), X, "conv", 0)
+
+
+def test_cam_refuses_hidden_linear_layers_and_ops_before_pooling() -> None:
+    """mobilenet_v3_small: pooling -> linear -> hardswish -> dropout -> linear; CAM does not apply."""
+    import torchvision
+
+    model = torchvision.models.mobilenet_v3_small(num_classes=4).eval()
+    with pytest.raises(camfn.LayerError, match=r"stands between the layer and the classifier 'classifier.3'"):
+        camfn.cam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "features", 0)
+    gap = GapNet().eval()  # "conv2" is followed by a ReLU before pooling
+    with pytest.raises(camfn.LayerError, match=r"'act' stands between"):
+        camfn.cam(gap, camfn.params(gap), X, "conv2", 0)
 
 
 class Untraceable(nn.Module):

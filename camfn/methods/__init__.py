@@ -1,9 +1,21 @@
-"""Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`."""
+"""Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`,
+:mod:`~camfn.methods.perturbation`."""
 
 from .activation import cam, eigencam
-from .gradient import eigengradcam, gradcam, gradcam_elementwise, gradcampp, hirescam, layercam, xgradcam
+from .gradient import (
+    eigengradcam,
+    gradcam,
+    gradcam_elementwise,
+    gradcampp,
+    hirescam,
+    layercam,
+    smooth_gradcampp,
+    xgradcam,
+)
+from .perturbation import ablationcam, iscam, scorecam, sscam
 
 __all__ = [
+    "ablationcam",
     "cam",
     "eigencam",
     "eigengradcam",
@@ -11,6 +23,10 @@ __all__ = [
     "gradcam_elementwise",
     "gradcampp",
     "hirescam",
+    "iscam",
     "layercam",
+    "scorecam",
+    "smooth_gradcampp",
+    "sscam",
     "xgradcam",
 ]

@@ -10,33 +10,70 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Unpack
 
+import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import LayerError, TargetError
 from ..forward import Params, activations
 from ..graph import Layer, Traced, engine
-from ..postprocess import finish, first_component
+from ..smoothing import smoothable
 from ..targets import Target, classes
-from .core import Maps, Options, _options, explain, num_classes, prepare
+from .core import Maps, Options, _options, explain, finalize, num_classes, prepare, reduce
 
 __all__ = ["cam", "eigencam"]
 
 Layers = Layer | Sequence[Layer] | None
 
 
-def _classifier(traced: Traced, channels: int) -> str:
-    """Module path of the last ``nn.Linear`` with ``in_features == channels``."""
-    for node in reversed(list(traced.module.graph.nodes)):
-        if node.op == "call_module":
-            module = traced.module.get_submodule(node.target)
-            if isinstance(module, nn.Linear) and module.in_features == channels:
-                return str(node.target)
+_POOL_MODULES = (
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.Flatten,
+    nn.Dropout,
+    nn.Identity,
+)
+_POOL_CALLS = {"flatten", "mean", "view", "reshape", "squeeze", "adaptive_avg_pool2d", "avg_pool2d", "dropout"}
+
+
+def _passes_through(traced: Traced, node: fx.Node) -> bool:
+    """Pooling, flattening, dropout: ops CAM's derivation allows between the layer and the classifier."""
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), _POOL_MODULES)
+    name = getattr(node.target, "__name__", node.target)
+    return node.op in ("call_function", "call_method") and name in _POOL_CALLS
+
+
+def _classifier(traced: Traced, layer: str) -> str:
+    """Module path of the final ``nn.Linear``, checking only pooling/flatten stand between it and ``layer``."""
+    output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
+    node = output if isinstance(output, fx.Node) else None
+    while node is not None and node.op == "call_module" and _passes_through(traced, node):
+        node = node.args[0]  # dropout / identity after the classifier
+    why = "the model's output is not produced by an nn.Linear"
+    if (
+        node is not None
+        and node.op == "call_module"
+        and isinstance(traced.module.get_submodule(node.target), nn.Linear)
+    ):
+        fc, step = str(node.target), node.args[0]
+        while isinstance(step, fx.Node) and step.name != layer and _passes_through(traced, step):
+            step = step.args[0]
+        if isinstance(step, fx.Node) and step.name == layer:
+            return fc
+        between = traced.qualname.get(step.name, step.name) if isinstance(step, fx.Node) else repr(step)
+        why = f"{between!r} stands between the layer and the classifier {fc!r}"
     raise LayerError(
-        f"cam needs global pooling followed by a linear classifier with {channels} inputs after the layer; "
-        "none was found. Pass fc='path.of.linear', or use gradcam (equal to cam on such models)"
+        f"cam needs the layer to be followed only by global average pooling (and flatten/dropout) and the final "
+        f"linear classifier; here {why}. Use gradcam (equal to cam on such models), or pass fc='path.of.linear' "
+        "to use that layer's weights anyway"
     )
 
 
+@smoothable
 def cam(
     model: nn.Module,
     params: Params,
@@ -70,7 +107,7 @@ def cam(
     cls = index(output if target is None else x)  # (B, T)
     maps = []
     for node, a in zip(nodes, acts, strict=True):
-        path = fc or _classifier(traced, a.shape[1])
+        path = fc or _classifier(traced, node)
         key = f"{path}.weight"
         weight = params[key] if key in params else traced.module.get_parameter(key)
         if weight.ndim != 2 or weight.shape[1] != a.shape[1]:
@@ -79,16 +116,15 @@ def cam(
                 f"of layer {traced.qualname[node]!r} to classes"
             )
         w = weight[cls]  # (B, T, K)
-        raw = (w.reshape(*w.shape, *([1] * (a.ndim - 2))) * a.unsqueeze(1)).sum(2)
-        m = finish(raw, x, relu=opts["relu"], size=opts["size"], normalize=opts["normalize"])
-        maps.append(m.squeeze(1) if squeeze else m)
-    return maps[0] if single else maps
+        maps.append(reduce(w.reshape(*w.shape, *([1] * (a.ndim - 2))) * a.unsqueeze(1), opts["eigen_smooth"]))
+    return finalize(maps, x, opts, squeeze, single)
 
 
-def _eigencam(a: Tensor, _: Tensor | None) -> Tensor:
-    return first_component(a, ndim=a.ndim - 3)
+def _activation(a: Tensor, _: Tensor | None) -> Tensor:
+    return a
 
 
+@smoothable
 def eigencam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -105,4 +141,4 @@ def eigencam(
         torch.Size([1, 64, 64])
     """
     del target
-    return explain(model, params, x, layer, None, _eigencam, uses_gradient=False, **options)
+    return explain(model, params, x, layer, None, _activation, uses_gradient=False, **{**options, "eigen_smooth": True})

@@ -1,8 +1,10 @@
-"""The one driver every method shares: checks, trace, forward/gradients, combine, post-process.
+"""The one driver every method shares: checks, trace, forward/gradients, combine, reduce, post-process.
 
-A method is a *combine* function ``(A, G) -> L``: ``A`` the activation ``(B, 1, K, *spatial)``, ``G`` the
-gradients ``(B, T, K, *spatial)`` (``None`` for gradient-free methods), ``L`` the raw maps
-``(B, T, *spatial)``. :func:`explain` does everything else.
+A method is a *combine* function ``(A, G) -> C``: ``A`` the activation ``(B, 1, K, *spatial)``, ``G`` the
+gradients ``(B, T, K, *spatial)`` (``None`` for gradient-free methods), ``C`` the per-channel
+contributions ``(B, T, K, *spatial)`` (e.g. ``w_k A_k``). :func:`reduce` turns them into raw maps
+(``sum_k C_k``, or their first principal component with ``eigen_smooth=True``); :func:`explain` does
+everything else.
 """
 
 from __future__ import annotations
@@ -17,10 +19,10 @@ from ..checks import check_input, check_model
 from ..errors import LayerError, OptionError, nearest
 from ..forward import Params, activations, gradients
 from ..graph import HookPolicy, Layer, Traced, engine, resolve_layers, spatial, trace
-from ..postprocess import Size, finish
+from ..postprocess import Size, finish, first_component
 from ..targets import Target, scores
 
-__all__ = ["Combine", "Maps", "Options", "explain", "num_classes", "prepare"]
+__all__ = ["Combine", "Maps", "Options", "explain", "finalize", "num_classes", "prepare", "reduce"]
 
 Maps = Tensor | list[Tensor]
 Combine = Callable[[Tensor, Tensor | None], Tensor]
@@ -33,6 +35,8 @@ class Options(TypedDict, total=False):
     resolution) or ``(h, w)``. normalize: min-max to ``[0, 1]`` per map (default True). hooks:
     ``"error"`` / ``"ignore"`` / ``"keep"`` for hooks camfn did not register (see :func:`camfn.graph.trace`).
     tracer_options: passed to the fx tracer (the escape hatch for untraceable code).
+    eigen_smooth: replace ``sum_k C_k`` by the first principal component of the contributions ``C``.
+    aug_smooth: average the maps over horizontal flips x input multipliers {1.0, 1.1, 0.9}.
     """
 
     relu: bool
@@ -40,9 +44,18 @@ class Options(TypedDict, total=False):
     normalize: bool
     hooks: HookPolicy
     tracer_options: dict[str, Any] | None
+    eigen_smooth: bool
+    aug_smooth: bool
 
 
-_DEFAULTS: dict[str, Any] = {"relu": True, "size": "input", "normalize": True, "hooks": "error", "tracer_options": None}
+_DEFAULTS: dict[str, Any] = {
+    "relu": True,
+    "size": "input",
+    "normalize": True,
+    "hooks": "error",
+    "tracer_options": None,
+    "eigen_smooth": False,
+}
 
 
 def _options(options: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
@@ -84,6 +97,21 @@ def prepare(
     return traced, nodes, single
 
 
+def reduce(contributions: Tensor, eigen: bool) -> Tensor:
+    """Raw maps from contributions ``(B, T, K, *spatial)``: ``sum_k C_k``, or the first principal component."""
+    if eigen:
+        return first_component(contributions, ndim=contributions.ndim - 3)
+    return contributions.sum(2)
+
+
+def finalize(raw: list[Tensor], x: Tensor, opts: dict[str, Any], squeeze: bool, single: bool) -> Maps:
+    """Post-process raw maps ``(B, T, *spatial)`` per layer, squeeze ``T`` and unwrap a single layer."""
+    maps = [finish(m, x, relu=opts["relu"], size=opts["size"], normalize=opts["normalize"]) for m in raw]
+    if squeeze:
+        maps = [m.squeeze(1) for m in maps]
+    return maps[0] if single else maps
+
+
 def num_classes(traced: Traced, x: Tensor) -> int | None:
     """Number of outputs when the model returns ``(B, C)`` logits, else ``None``."""
     info = traced.node_shapes(x)["output"]
@@ -109,13 +137,10 @@ def explain(
     if uses_gradient:
         score = scores(target, x.shape[0], num_classes(traced, x))
         result = gradients(engine(traced, nodes), p, x, score)
-        raw = [combine(a.unsqueeze(1), g) for a, g in zip(result.acts, result.grads, strict=True)]
+        parts = [combine(a.unsqueeze(1), g) for a, g in zip(result.acts, result.grads, strict=True)]
         squeeze = result.squeeze
     else:
         _, acts = activations(engine(traced, nodes, with_output=False), p, x)
-        raw = [combine(a.unsqueeze(1), None) for a in acts]
+        parts = [combine(a.unsqueeze(1), None) for a in acts]
         squeeze = True
-    maps = [finish(m, x, relu=opts["relu"], size=opts["size"], normalize=opts["normalize"]) for m in raw]
-    if squeeze:
-        maps = [m.squeeze(1) for m in maps]
-    return maps[0] if single else maps
+    return finalize([reduce(c, opts["eigen_smooth"]) for c in parts], x, opts, squeeze, single)

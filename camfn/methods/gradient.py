@@ -18,14 +18,26 @@ from typing import Unpack
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import vmap
 
-from ..forward import Params
-from ..graph import Layer
-from ..postprocess import first_component
-from ..targets import Target
-from .core import Maps, Options, explain
+from ..errors import OptionError
+from ..forward import Params, activations, chunked, gradients
+from ..graph import Layer, engine
+from ..noise import Seed, gaussian
+from ..smoothing import smoothable
+from ..targets import Target, classes, scores
+from .core import Maps, Options, _options, explain, finalize, num_classes, prepare, reduce
 
-__all__ = ["eigengradcam", "gradcam", "gradcam_elementwise", "gradcampp", "hirescam", "layercam", "xgradcam"]
+__all__ = [
+    "eigengradcam",
+    "gradcam",
+    "gradcam_elementwise",
+    "gradcampp",
+    "hirescam",
+    "layercam",
+    "smooth_gradcampp",
+    "xgradcam",
+]
 
 Layers = Layer | Sequence[Layer] | None
 
@@ -36,14 +48,15 @@ def _space(t: Tensor) -> tuple[int, ...]:
 
 
 def _weighted(w: Tensor, a: Tensor) -> Tensor:
-    """``sum_k w_k A_k`` for per-channel weights ``w`` ``(B, T, K, 1, 1)``."""
-    return (w * a).sum(2)
+    """Contributions ``w_k A_k`` for per-channel weights ``w`` ``(B, T, K, 1, 1)``."""
+    return w * a
 
 
 def _gradcam(a: Tensor, g: Tensor) -> Tensor:
     return _weighted(g.mean(_space(g), keepdim=True), a)
 
 
+@smoothable
 def gradcam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -63,13 +76,18 @@ def gradcam(
     return explain(model, params, x, layer, target, _gradcam, **options)
 
 
-def _gradcampp(a: Tensor, g: Tensor, eps: float = 1e-6) -> Tensor:
-    g2 = g.pow(2)
-    alpha = g2 / (2 * g2 + a.sum(_space(a), keepdim=True) * g2 * g + eps)
-    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
-    return _weighted((alpha * F.relu(g)).sum(_space(g), keepdim=True), a)
+def _plusplus(a: Tensor, g1: Tensor, g2: Tensor, g3: Tensor, eps: float = 1e-6) -> Tensor:
+    """Grad-CAM++ contributions from the first three (possibly averaged) gradient powers."""
+    alpha = g2 / (2 * g2 + a.sum(_space(a), keepdim=True) * g3 + eps)
+    alpha = torch.where(g2 != 0, alpha, torch.zeros_like(alpha))
+    return _weighted((alpha * F.relu(g1)).sum(_space(g1), keepdim=True), a)
 
 
+def _gradcampp(a: Tensor, g: Tensor) -> Tensor:
+    return _plusplus(a, g, g.pow(2), g.pow(3))
+
+
+@smoothable
 def gradcampp(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -94,6 +112,7 @@ def _xgradcam(a: Tensor, g: Tensor, eps: float = 1e-7) -> Tensor:
     return _weighted((g * a).sum(s, keepdim=True) / (a.sum(s, keepdim=True) + eps), a)
 
 
+@smoothable
 def xgradcam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -111,9 +130,10 @@ def xgradcam(
 
 
 def _layercam(a: Tensor, g: Tensor) -> Tensor:
-    return (F.relu(g) * a).sum(2)
+    return F.relu(g) * a
 
 
+@smoothable
 def layercam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -136,9 +156,10 @@ def layercam(
 
 
 def _hirescam(a: Tensor, g: Tensor) -> Tensor:
-    return (g * a).sum(2)
+    return g * a
 
 
+@smoothable
 def hirescam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -156,9 +177,10 @@ def hirescam(
 
 
 def _gradcam_elementwise(a: Tensor, g: Tensor) -> Tensor:
-    return F.relu(g * a).sum(2)
+    return F.relu(g * a)
 
 
+@smoothable
 def gradcam_elementwise(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -175,10 +197,7 @@ def gradcam_elementwise(
     return explain(model, params, x, layer, target, _gradcam_elementwise, **options)
 
 
-def _eigengradcam(a: Tensor, g: Tensor) -> Tensor:
-    return first_component(g * a, ndim=a.ndim - 3)
-
-
+@smoothable
 def eigengradcam(
     model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
 ) -> Maps:
@@ -194,4 +213,65 @@ def eigengradcam(
         >>> camfn.eigengradcam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer4").shape
         torch.Size([1, 64, 64])
     """
-    return explain(model, params, x, layer, target, _eigengradcam, **options)
+    return explain(model, params, x, layer, target, _hirescam, **{**options, "eigen_smooth": True})
+
+
+@smoothable
+def smooth_gradcampp(
+    model: nn.Module,
+    params: Params,
+    x: Tensor,
+    layer: Layers = None,
+    target: Target = None,
+    *,
+    n: int = 4,
+    std: float = 0.3,
+    seed: Seed = 0,
+    chunk_size: int | None = None,
+    progress: bool = False,
+    **options: Unpack[Options],
+) -> Maps:
+    r"""Smooth Grad-CAM++ (Omeiza et al., 2019): Grad-CAM++ with gradient moments averaged over noisy inputs.
+
+    With :math:`G_i = \partial S / \partial A` at :math:`x + \epsilon_i`,
+    :math:`\epsilon_i \sim \mathcal N(0, \mathrm{std}^2)` and :math:`D_p = \frac1n \sum_i G_i^p`:
+
+    .. math:: \alpha = \frac{D_2}{2 D_2 + \sum_{ab} A_{ab}\, D_3 + \epsilon}, \quad
+              w_k = \sum_{ij} \alpha_{k,ij}\, \mathrm{ReLU}(D_{1,k,ij}), \quad L = \sum_k w_k A_k
+
+    with :math:`A` the *clean* activation and the target (``None``: the clean top-1 class) fixed across
+    noisy copies (torchcam mixes the last noisy activation in; camfn does not). Noise is drawn from
+    ``seed`` and shared by the batch; ``std=0`` gives :func:`gradcampp` exactly. The ``n`` noisy
+    forward/backward passes run ``vmap``-ed, ``chunk_size`` at a time.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.smooth_gradcampp(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer4", 3, n=2).shape
+        torch.Size([1, 64, 64])
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise OptionError(f"n={n!r}: the number of noisy samples must be a positive int")
+    opts = _options(options)
+    traced, nodes, single = prepare(model, x, layer, opts)
+    eng = engine(traced, nodes)
+    output, acts = activations(eng, params, x)
+    if target is None:
+        target = classes(None, x.shape[0], None)[0](output)
+    score = scores(target, x.shape[0], num_classes(traced, x))
+    squeeze = score(output).ndim == 1
+    noise = gaussian((n, *x.shape[1:]), std, seed, dtype=x.dtype, device=x.device)
+
+    def moments(idx: Tensor) -> tuple[Tensor, ...]:
+        def one(eps: Tensor) -> tuple[Tensor, ...]:
+            grads = gradients(eng, params, x + eps, score).grads
+            return tuple(torch.stack([g, g.pow(2), g.pow(3)]) for g in grads)
+
+        return tuple(m.sum(0) for m in vmap(one)(noise.index_select(0, idx)))
+
+    sums = chunked(moments, n, chunk_size, device=x.device, combine="sum", progress=progress, desc="smooth_gradcampp")
+    raw = [
+        reduce(_plusplus(a.unsqueeze(1), *(m / n).unbind(0)), opts["eigen_smooth"])
+        for a, m in zip(acts, sums, strict=True)
+    ]
+    return finalize(raw, x, opts, squeeze, single)
