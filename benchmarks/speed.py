@@ -70,21 +70,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.speed",
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", default=None, help="torchvision model name [resnet50; --quick: resnet18]")
-    parser.add_argument("--layer", default="layer4", help="layer (module path) to explain")
+    parser.add_argument("--layer", default="layer4", help="layer (module path) to explain [layer4]")
     parser.add_argument("--batch", type=int, default=None, help="batch size [8; --quick: 2]")
     parser.add_argument("--size", type=int, default=None, help="image side in pixels [224; --quick: 112]")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case [5; --quick: 2]")
     parser.add_argument(
-        "--slow-repeats", type=int, default=2, help="timed repeats of the T-call reference loops (at most --repeats)"
+        "--slow-repeats", type=int, default=2, help="timed repeats of the T-call reference loops, at most --repeats [2]"
     )
-    parser.add_argument("--targets", type=int, default=10, help="classes per image in the multi-target case")
+    parser.add_argument("--targets", type=int, default=10, help="classes per image in the multi-target case [10]")
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet18, batch 2, 112 px, 2 repeats")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--profile", action="store_true", help="profile camfn's calls after timing")
-    parser.add_argument("--device", default="cpu", help="torch device")
+    parser.add_argument("--device", default="cpu", help="torch device [cpu]")
     parser.add_argument(
         "--threads",
         type=int,
@@ -92,7 +91,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch.set_num_threads (default: leave torch's default). With 1 thread the CPU-time column is "
         "robust to other processes on the machine",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, input and targets [0]")
     args = parser.parse_args(argv)
     quick = {"model": "resnet18", "batch": 2, "size": 112, "repeats": 2}
     full = {"model": "resnet50", "batch": 8, "size": 224, "repeats": 5}

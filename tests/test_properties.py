@@ -112,8 +112,10 @@ def test_raw_map_differentiable_wrt_input(method: str) -> None:
     x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
     weights = torch.randn(5, 5, dtype=torch.float64)
 
+    layer = "relu" if method == "cam" else "conv"  # cam needs pooling right after its layer
+
     def loss(inp: torch.Tensor) -> torch.Tensor:
-        raw = fn(model, camfn.params(model), inp, "conv", 1, relu=False, size=None, normalize=False)
+        raw = fn(model, camfn.params(model), inp, layer, 1, relu=False, size=None, normalize=False)
         return (raw[0] * weights).sum()
 
     g = grad(loss)(x)

@@ -25,7 +25,7 @@ from torch.func import vmap
 from ..errors import OptionError, TargetError
 from ..forward import Params, activations, chunked
 from ..graph import Layer, Split, engine, split
-from ..noise import Seed, gaussian
+from ..noise import Seed, gaussian, generator
 from ..smoothing import smoothable
 from ..targets import Target, classes, concrete, scores
 from .core import Maps, Options, _options, finalize, num_classes, prepare, reduce
@@ -273,8 +273,8 @@ def scorecam(
     Example:
         >>> import torch, torchvision, camfn
         >>> model = torchvision.models.resnet18().eval()
-        >>> camfn.scorecam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer4", 3).shape
-        torch.Size([1, 64, 64])
+        >>> camfn.scorecam(model, camfn.params(model), torch.randn(1, 3, 32, 32), "layer2", 3).shape
+        torch.Size([1, 32, 32])
     """
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
@@ -320,14 +320,14 @@ def sscam(
         >>> import torch, torchvision, camfn
         >>> model = torchvision.models.resnet18().eval()
         >>> x = torch.randn(1, 3, 32, 32)
-        >>> camfn.sscam(model, camfn.params(model), x, "layer3", 3, n=2, seed=1).shape
+        >>> camfn.sscam(model, camfn.params(model), x, "layer2", 3, n=2, seed=1).shape
         torch.Size([1, 32, 32])
     """
     _check_samples(n, std)
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
         masks = masks_normalize_first(a, x.shape[2:])
-        g = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        g = generator(seed)
         total = torch.zeros(a.shape[1], x.shape[0], 1, dtype=x.dtype, device=x.device)
         for i in range(n):
             noise = gaussian(masks.shape[1:], std, g, dtype=x.dtype, device=x.device)
@@ -360,7 +360,7 @@ def iscam(
     Example:
         >>> import torch, torchvision, camfn
         >>> model = torchvision.models.resnet18().eval()
-        >>> camfn.iscam(model, camfn.params(model), torch.randn(1, 3, 32, 32), "layer3", 3, n=2).shape
+        >>> camfn.iscam(model, camfn.params(model), torch.randn(1, 3, 32, 32), "layer2", 3, n=2).shape
         torch.Size([1, 32, 32])
     """
     _check_samples(n)
