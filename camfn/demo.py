@@ -16,6 +16,7 @@ import torchvision
 import camfn
 
 SHADES = " .:-=+*#%@"
+QUICK = {"sscam": {"n": 2}, "iscam": {"n": 2}, "smooth_gradcampp": {"n": 4}}  # fewer noisy samples for the demo
 
 
 def image(size: int = 112, seed: int = 0) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -40,15 +41,16 @@ def main() -> None:
     x, (y0, x0, y1, x1) = image()
     layer = camfn.default_layer(model, x)
     print(f"camfn {camfn.__version__} on torchvision resnet18 (random weights), input {tuple(x.shape)}")
-    print(f"layer=None picks {layer!r}; target=None explains the top-1 class\n")
+    print(f"layer=None picks {layer!r}; target=None explains the top-1 class; sscam/iscam with n=2\n")
     print(f"{'method':<22}{'first call':>12}{'next call':>12}{'peak (y, x)':>14}{'mass in box':>13}")
     maps = {}
     for name, fn in camfn.METHODS.items():
+        options = QUICK.get(name, {})
         start = time.perf_counter()
-        fn(model, params, x)
+        fn(model, params, x, **options)
         first = time.perf_counter() - start
         start = time.perf_counter()
-        m = fn(model, params, x)[0]
+        m = fn(model, params, x, **options)[0]
         again = time.perf_counter() - start
         peak = divmod(int(m.argmax()), m.shape[1])
         inside = float(m[y0:y1, x0:x1].sum() / m.sum().clamp(min=1e-12))

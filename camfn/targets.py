@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .errors import TargetError
 
-__all__ = ["Target", "classes", "concrete", "logit", "scores"]
+__all__ = ["Target", "classes", "concrete", "fixed", "logit", "scores"]
 
 Target = int | Tensor | Callable[[Tensor], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]
@@ -132,6 +132,17 @@ def scores(target: Target, batch: int, num_classes: int | None) -> ScoreFn:
         return picked.squeeze(1) if squeeze else picked
 
     return score
+
+
+def fixed(target: Target, output: Tensor, batch: int, num_classes: int | None) -> ScoreFn:
+    """:func:`scores` with ``None`` resolved once, to the top-1 class of ``output``.
+
+    Methods that score perturbed or noisy copies of ``x`` use it, so every copy explains the clean
+    input's class rather than its own top-1.
+    """
+    if target is None:
+        target = classes(None, batch, num_classes)[0](output).squeeze(1)
+    return scores(target, batch, num_classes)
 
 
 def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:

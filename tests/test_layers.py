@@ -69,9 +69,11 @@ def test_top1_target_by_default() -> None:
     model = GapNet().eval()
     p, x = camfn.params(model), torch.randn(3, 3, 8, 8)
     top = model(x).argmax(1)
-    for method in ("gradcam", "cam", "hirescam"):
-        fn = camfn.METHODS[method]
-        torch.testing.assert_close(fn(model, p, x, "act"), fn(model, p, x, "act", top))
+    for method, fn in camfn.METHODS.items():
+        kw = {"n": 2} if method in ("sscam", "iscam", "smooth_gradcampp") else {}
+        default = fn(model, p, x, "act", **kw)
+        assert default.shape == (3, 8, 8), method
+        torch.testing.assert_close(default, fn(model, p, x, "act", top, **kw))
 
 
 def test_callable_target() -> None:

@@ -77,16 +77,20 @@ def test_parity_with_gradcam(
 
 
 @pytest.mark.parametrize(("name", "method", "kwargs"), [("sscam", "SSCAM", {"std": 2.0}), ("iscam", "ISCAM", {})])
-def test_parity_with_torchcam_same_noise(resnet: torch.nn.Module, name: str, method: str, kwargs: dict) -> None:
+@pytest.mark.parametrize(("model_name", "layer", "size"), [("resnet", "layer3", 64), ("vgg", "features.6", 32)])
+def test_parity_with_torchcam_same_noise(
+    request, name: str, method: str, kwargs: dict, model_name: str, layer: str, size: int
+) -> None:
     """torchcam draws its noise from the global generator; seeding both the same way aligns the streams."""
     import torchcam.methods
 
-    x = _image(1, 64, seed=3)
+    model = request.getfixturevalue(model_name)
+    x = _image(1, size, seed=3)
     seed = {"seed": 11} if name == "sscam" else {}
-    ours = camfn.METHODS[name](resnet, camfn.params(resnet), x, "layer3", 5, n=2, size=None, **seed, **kwargs)
+    ours = camfn.METHODS[name](model, camfn.params(model), x, layer, 5, n=2, size=None, **seed, **kwargs)
     torch.manual_seed(11)
-    with getattr(torchcam.methods, method)(resnet, "layer3", batch_size=64, num_samples=2, **kwargs) as extractor:
-        scores = resnet(x)
+    with getattr(torchcam.methods, method)(model, layer, batch_size=64, num_samples=2, **kwargs) as extractor:
+        scores = model(x)
         ref = extractor(5, scores)[0]
     _nontrivial(ref.numpy())
     assert (ours - ref).abs().max() <= TOL
@@ -280,3 +284,68 @@ def test_eigen_smooth_is_first_component_of_contributions(net: GapNet) -> None:
     w = net.fc.weight[c]
     expected = camfn.postprocess.first_component((w[:, :, None, None] * a).unsqueeze(1))[:, 0]
     torch.testing.assert_close(camfn.cam(net, p, x, "act", c, eigen_smooth=True, **RAW), expected)
+
+
+# ----------------------------------------------------------------------------------------- split
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "mobilenet_v3_small"])
+def test_split_head_then_tail_is_the_model_at_every_layer(arch: str) -> None:
+    """Cutting after any node (inside residual blocks, dense concatenations, squeeze-excitation) and
+    running head then tail gives the model's output: the values crossing the cut are handed over."""
+    torch.manual_seed(3)
+    model = randomize_bn(getattr(torchvision.models, arch)(num_classes=5)).eval()
+    x, p = torch.randn(2, 3, 32, 32), camfn.params(model)
+    traced = camfn.graph.trace(model)
+    expected = model(x)
+    nodes = list(traced.qualname)
+    crossing = 0
+    for node in nodes[:: max(1, len(nodes) // 40)]:
+        cut = camfn.graph.split(traced, node)
+        a, extras = cut.head(p, x)
+        crossing += len(extras)
+        torch.testing.assert_close(cut.tail(p, a, *extras), expected)
+    assert crossing > 0, "no cut had a value crossing it: the test would not exercise skip connections"
+
+
+def test_split_tail_never_writes_head_values() -> None:
+    """resnet's BasicBlock applies an in-place ReLU right after bn1: the tail must not write the head's tensor."""
+    torch.manual_seed(4)
+    model = torchvision.models.resnet18(num_classes=3).eval()
+    traced, p, x = camfn.graph.trace(model), camfn.params(model), torch.randn(1, 3, 32, 32)
+    cut = camfn.graph.split(traced, traced.resolve("layer4.0.bn1"))
+    a, extras = cut.head(p, x)
+    before = a.clone()
+    cut.tail(p, a, *extras)
+    assert (before < 0).any() and torch.equal(a, before)
+
+
+def test_scorecam_scores_the_zero_mask_once() -> None:
+    """Channels that are zero in every sample give the same masked input (zeros): one forward for all of them."""
+    torch.manual_seed(5)
+    seen = []
+
+    class Count(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(x.shape[0])
+            return x
+
+    class Net(GapNet):
+        def __init__(self) -> None:
+            super().__init__(classes=3, width=8)
+            self.count = Count()
+            with torch.no_grad():  # channels 0..4 of conv2 are dead after the ReLU
+                self.conv2.weight[:5] = 0
+                self.conv2.bias[:5] = -1
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(self.count(x))
+
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    opts = {"tracer_options": {"leaf_modules": [Count]}, "chunk_size": None}
+    maps = camfn.scorecam(model, camfn.params(model), x, "act", 1, **opts)
+    # clean forward (2) + head-only forward (2) + the zero input (2) + 3 live channels x 2 samples
+    assert seen[-4:] == [2, 2, 2, 6], seen
+    assert sum(seen[-4:]) == 12
+    a = model.act(model.conv2(model.relu(model.bn(model.conv1(x)))))
+    assert a[:, :5].eq(0).all() and a[:, 5:].flatten(2).amax(-1).gt(0).all()
+    assert maps.shape == (2, 8, 8)

@@ -25,7 +25,7 @@ from ..forward import Params, activations, chunked, gradients
 from ..graph import Layer, engine
 from ..noise import Seed, gaussian
 from ..smoothing import smoothable
-from ..targets import Target, classes, scores
+from ..targets import Target, fixed
 from .core import Maps, Options, _options, explain, finalize, num_classes, prepare, reduce
 
 __all__ = [
@@ -256,9 +256,7 @@ def smooth_gradcampp(
     traced, nodes, single = prepare(model, x, layer, opts)
     eng = engine(traced, nodes)
     output, acts = activations(eng, params, x)
-    if target is None:
-        target = classes(None, x.shape[0], None)[0](output)
-    score = scores(target, x.shape[0], num_classes(traced, x))
+    score = fixed(target, output, x.shape[0], num_classes(traced, x))
     squeeze = score(output).ndim == 1
     noise = gaussian((n, *x.shape[1:]), std, seed, dtype=x.dtype, device=x.device)
 

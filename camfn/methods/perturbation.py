@@ -27,7 +27,7 @@ from ..forward import Params, activations, chunked
 from ..graph import Layer, Split, engine, split
 from ..noise import Seed, gaussian, generator
 from ..smoothing import smoothable
-from ..targets import Target, classes, concrete, scores
+from ..targets import Target, concrete, fixed
 from .core import Maps, Options, _options, finalize, num_classes, prepare, reduce
 
 __all__ = ["ablationcam", "iscam", "scorecam", "sscam"]
@@ -57,13 +57,6 @@ def _score_chunk(run: Callable[..., Any], score: ScoreFn, inputs: Tensor, *extra
         )
         return vmap(lambda o: _as_bt(score(o), b))(out)
     return vmap(lambda i: _as_bt(score(run(i, *extras)), b))(inputs)
-
-
-def _fixed(target: Target, output: Any, batch: int, n_classes: int | None) -> ScoreFn:
-    """The score function, with ``None`` resolved to the clean top-1 class (not each perturbed copy's)."""
-    if target is None:
-        target = classes(None, batch, n_classes)[0](output).squeeze(1)
-    return scores(target, batch, n_classes)
 
 
 def _contributions(weights: Tensor, a: Tensor) -> Tensor:
@@ -146,7 +139,7 @@ def _ablation(
     """Ablation weights ``(B, T, K)`` at one cut, the activation, and whether ``T`` is squeezed."""
     a, extras = cut.head(params, x)
     output = cut.tail(params, a, *extras)
-    score = _fixed(target, output, x.shape[0], n_classes)
+    score = fixed(target, output, x.shape[0], n_classes)
     y = score(output)
     squeeze = y.ndim == 1
     k, spatial = a.shape[1], [1] * (a.ndim - 2)
@@ -236,7 +229,7 @@ def _score_family(
     traced, nodes, single = prepare(model, x, layer, opts)
     program = traced.program()
     output = program(params, x)
-    score = _fixed(target, output, x.shape[0], num_classes(traced, x))
+    score = fixed(target, output, x.shape[0], num_classes(traced, x))
     y = score(output)
     squeeze = y.ndim == 1
 
