@@ -53,6 +53,21 @@ def params(model: nn.Module) -> Params:
     return {k: v.detach() for k, v in state.items()}
 
 
+def channels_last(p: Params) -> Params:
+    """``p`` with every 4-d floating tensor (conv weights) in channels-last memory layout; values unchanged.
+
+    Inference-heavy paths (the perturbation methods' thousands of forwards) run ~1.8x faster on CPU with
+    channels-last weights and inputs. Inside a ``torch.func`` transform ``p`` is returned as it is (vmap
+    has no fast path for channels-last strides).
+    """
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return p
+    return {
+        k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 and v.is_floating_point() else v
+        for k, v in p.items()
+    }
+
+
 def run(engine: Engine, p: Params, x: Tensor, deltas: tuple[Tensor, ...]) -> Any:
     """Evaluate the rewritten graph: ``(output, acts)`` (or ``acts`` for a headless engine)."""
     return engine.program(p, x, *deltas)

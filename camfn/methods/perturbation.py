@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from ..errors import OptionError, TargetError
-from ..forward import Params, activations, chunked
+from ..forward import Params, activations, channels_last, chunked
 from ..graph import Layer, Split, engine, split
 from ..noise import Seed, gaussian, generator
 from ..smoothing import smoothable
@@ -52,8 +52,11 @@ def _score_chunk(run: Callable[..., Any], score: ScoreFn, inputs: Tensor, *extra
     c, b = inputs.shape[:2]
     if all(isinstance(e, Tensor) and e.ndim and e.shape[0] == b for e in extras):
         flat = [e.unsqueeze(0).expand(c, *e.shape).flatten(0, 1) for e in extras]
+        batch = inputs.flatten(0, 1)
+        if batch.ndim == 4 and torch._C._functorch.peek_interpreter_stack() is None:  # see channels_last
+            batch = batch.contiguous(memory_format=torch.channels_last)
         out = torch.utils._pytree.tree_map(
-            lambda o: o.unflatten(0, (c, b)) if isinstance(o, Tensor) else o, run(inputs.flatten(0, 1), *flat)
+            lambda o: o.unflatten(0, (c, b)) if isinstance(o, Tensor) else o, run(batch, *flat)
         )
         return vmap(lambda o: _as_bt(score(o), b))(out)
     return vmap(lambda i: _as_bt(score(run(i, *extras)), b))(inputs)
@@ -139,6 +142,7 @@ def _ablation(
     """Ablation weights ``(B, T, K)`` at one cut, the activation, and whether ``T`` is squeezed."""
     a, extras = cut.head(params, x)
     output = cut.tail(params, a, *extras)
+    fast = channels_last(params)
     score = fixed(target, output, x.shape[0], n_classes)
     y = score(output)
     squeeze = y.ndim == 1
@@ -151,7 +155,7 @@ def _ablation(
     def ablate(idx: Tensor) -> Tensor:
         hit = channels == idx.reshape(-1, 1, 1, *spatial)  # (c, 1, K, 1, ...)
         ablated = torch.where(hit, fill, a.unsqueeze(0))  # (c, B, K, ...)
-        return _score_chunk(lambda *args: cut.tail(params, *args), score, ablated, *extras)
+        return _score_chunk(lambda *args: cut.tail(fast, *args), score, ablated, *extras)
 
     yk = chunked(ablate, k, chunk_size, device=a.device, progress=progress, desc="ablationcam")
     return _ablation_weights(_as_bt(y, x.shape[0]), yk, relative), a, squeeze
@@ -233,8 +237,10 @@ def _score_family(
     y = score(output)
     squeeze = y.ndim == 1
 
+    fast = channels_last(params)
+
     def forward(inputs: Tensor) -> Tensor:
-        return _score_chunk(lambda i: program(params, i), score, inputs)
+        return _score_chunk(lambda i: program(fast, i), score, inputs)
 
     _, acts = activations(engine(traced, nodes, with_output=False), params, x)
     y = _as_bt(y, x.shape[0])
