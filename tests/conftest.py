@@ -53,6 +53,17 @@ class Residual(nn.Module):
         return self.head(h.mean((2, 3)))
 
 
+def image(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    """A seeded float64 batch ``(batch, 3, size, size)``."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def double_gapnet(seed: int) -> GapNet:
+    """GapNet with random BatchNorm statistics, float64, eval mode."""
+    torch.manual_seed(seed)
+    return randomize_bn(GapNet(classes=5, width=6)).double().eval()
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters (in place; test models only)."""
     g = torch.Generator().manual_seed(seed)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import GapNet, randomize_bn
+from conftest import GapNet, double_gapnet, image, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
@@ -39,12 +39,10 @@ def vgg() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def net() -> GapNet:
-    torch.manual_seed(2)
-    return randomize_bn(GapNet(classes=5, width=6)).double().eval()
+    return double_gapnet(2)
 
 
-def _image(batch: int, size: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+_image = image
 
 
 def _nontrivial(maps: np.ndarray) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GapNet, Residual, randomize_bn
+from conftest import GapNet, Residual, double_gapnet, image, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import grad, stack_module_state, vmap
@@ -19,12 +19,11 @@ SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 @pytest.fixture(scope="module")
 def net() -> GapNet:
-    torch.manual_seed(0)
-    return randomize_bn(GapNet(classes=5, width=6)).double().eval()
+    return double_gapnet(0)
 
 
 def _x(seed: int, batch: int, size: int = 8) -> torch.Tensor:
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return image(batch, size, seed)
 
 
 def _targets(seed: int, batch: int, t: int | None = None) -> torch.Tensor:
