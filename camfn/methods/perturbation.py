@@ -2,13 +2,13 @@ r"""The perturbation family: channel weights from forward passes only.
 
 ``ablationcam`` runs the network *before* the layer once and the part *after* it once per ablated channel;
 ``scorecam``, ``sscam`` and ``iscam`` score the input masked by each (upsampled, normalised) channel. All of
-them evaluate channels in chunks of ``chunk_size`` (one batched forward of ``chunk_size x B`` inputs each),
-so memory is bounded by ``chunk_size`` x batch x one forward, never ``B x K x C x H x W`` at once, and the
-result does not depend on ``chunk_size``. The default target (``None``) is the top-1 class of the clean
-input, fixed for every perturbed copy. Notation as in :mod:`camfn.methods.gradient`; ``S`` the target
-score, ``y = S(x)``.
+them evaluate channels in chunks: one batched forward sees about ``chunk_size`` perturbed copies
+(``max(1, chunk_size // B)`` channels x ``B`` samples), so memory is bounded by one forward of
+``chunk_size`` images, never ``B x K x C x H x W`` at once, and the result does not depend on ``chunk_size``.
+The default target (``None``) is the top-1 class of the clean input, fixed for every perturbed copy.
+Notation as in :mod:`camfn.methods.gradient`; ``S`` the target score, ``y = S(x)``.
 
-Extra keyword options: ``chunk_size`` (channels per chunk), ``progress`` (a tqdm bar), and for the noisy
+Extra keyword options: ``chunk_size`` (perturbed copies per forward), ``progress`` (a tqdm bar), and for the noisy
 methods ``n``, ``std``, ``seed`` (an int or a ``torch.Generator``: same seed, same map).
 """
 
@@ -106,7 +106,7 @@ def ablationcam(
     where :math:`A^{(k)}` is :math:`A` with channel :math:`k` set to 0 (``ablation="zero"``) or, for layers
     with negative activations, to :math:`\min A - 10^7` (``ablation="min"``, per sample; grad-cam's
     choice, without its compounding across a batch). The network up to the layer runs once; only the
-    tail runs per channel, ``chunk_size`` channels at a time. A score :math:`y` within ``1e-6`` of 0
+    tail runs per channel, on about ``chunk_size`` ablated copies at a time. A score :math:`y` within ``1e-6`` of 0
     raises :class:`~camfn.errors.TargetError` (``relative=False`` uses :math:`w_k = y - y_k`).
 
     Example:
@@ -157,7 +157,7 @@ def _ablation(
         ablated = torch.where(hit, fill, a.unsqueeze(0))  # (c, B, K, ...)
         return _score_chunk(lambda *args: cut.tail(fast, *args), score, ablated, *extras)
 
-    yk = chunked(ablate, k, chunk_size, device=a.device, progress=progress, desc="ablationcam")
+    yk = chunked(ablate, k, _channels(chunk_size, x.shape[0]), device=a.device, progress=progress, desc="ablationcam")
     return _ablation_weights(_as_bt(y, x.shape[0]), yk, relative), a, squeeze
 
 
@@ -181,41 +181,54 @@ def masks_normalize_first(a: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(norm, size=tuple(size), mode="bilinear" if a.ndim == 4 else "trilinear", align_corners=False)
 
 
+def _channels(chunk_size: int | None, batch: int) -> int | None:
+    """Channels per chunk so that one forward sees about ``chunk_size`` perturbed copies (``B`` per channel)."""
+    if chunk_size is None:
+        return None
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r}: use a positive int, or None for one chunk")
+    return max(1, chunk_size // batch)
+
+
 def _masked_scores(
     forward: Callable[[Tensor], Tensor],
     x: Tensor,
-    masks: Tensor,
+    a: Tensor,
+    masks: Callable[[Tensor, Sequence[int]], Tensor],
     chunk_size: int | None,
     progress: bool,
     desc: str,
     scale: float = 1.0,
     noise: Tensor | None = None,
 ) -> Tensor:
-    """``S(scale * x * (M_k + noise_k))`` for every channel ``k``: ``(K, B, T)``, ``chunk_size`` channels at a time.
+    """``S(scale * x * (M_k + noise_k))`` for every channel ``k``: ``(K, B, T)``.
 
-    ``forward`` scores a chunk ``(c, B, C, *spatial)``. Channels whose mask is zero for the whole batch
-    (and no noise) give the same masked input, ``0``: it is scored once (when the values can be read,
-    i.e. outside transforms).
+    ``masks(a_chunk, size)`` builds the masks of a chunk of channels at input resolution, so at most
+    ``chunk_size`` masks and masked inputs exist at once; ``forward`` scores a chunk ``(c, B, C, *spatial)``.
+    A constant channel (all zero after a ReLU, typically) gives the mask 0 and the masked input 0: when
+    that holds for the whole batch and there is no noise, it is scored once (outside transforms).
     """
-    k = masks.shape[1]
+    k = a.shape[1]
 
     def score_chunk(idx: Tensor) -> Tensor:
-        m = masks.index_select(1, idx)
+        m = masks(a.index_select(1, idx), x.shape[2:])
         if noise is not None:
             m = m + noise.index_select(0, idx).unsqueeze(0)
         return forward((scale * x.unsqueeze(1) * m.unsqueeze(2)).movedim(1, 0))  # (c, B, C, *spatial)
 
-    if noise is None and concrete(masks):
-        flat = masks.flatten(2).amax(-1).eq(0).all(0)  # (K,): zero mask in every sample
+    per = _channels(chunk_size, x.shape[0])
+    if noise is None and concrete(a):
+        span = a.flatten(2).amax(-1) - a.flatten(2).amin(-1)
+        flat = span.eq(0).all(0)  # (K,): constant channel in every sample -> zero mask
         if bool(flat.any()):
             live = (~flat).nonzero().flatten()
             zero = forward(torch.zeros_like(x).unsqueeze(0))[0]
             out = zero.unsqueeze(0).expand(k, *zero.shape).clone()
             if live.numel():
                 pick = lambda i: score_chunk(live[i])  # noqa: E731
-                out[live] = chunked(pick, live.numel(), chunk_size, device=live.device, progress=progress, desc=desc)
+                out[live] = chunked(pick, live.numel(), per, device=live.device, progress=progress, desc=desc)
             return out
-    return chunked(score_chunk, k, chunk_size, device=masks.device, progress=progress, desc=desc)
+    return chunked(score_chunk, k, per, device=a.device, progress=progress, desc=desc)
 
 
 def _score_family(
@@ -267,7 +280,7 @@ def scorecam(
 
     Masks follow grad-cam exactly (:func:`masks_upsample_first`: ``align_corners=True`` upsampling, then
     min-max with ``+1e-8``). Channels with an all-zero mask are scored once. ``K`` forward passes of
-    the whole network, ``chunk_size`` masked inputs per sample at a time.
+    the whole network, about ``chunk_size`` masked inputs per forward.
 
     Example:
         >>> import torch, torchvision, camfn
@@ -277,7 +290,7 @@ def scorecam(
     """
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        s = _masked_scores(forward, x, masks_upsample_first(a, x.shape[2:]), chunk_size, progress, "scorecam")
+        s = _masked_scores(forward, x, a, masks_upsample_first, chunk_size, progress, "scorecam")
         return s.permute(1, 2, 0).softmax(-1)
 
     return _score_family(model, params, x, layer, target, options, weights)
@@ -325,12 +338,13 @@ def sscam(
     _check_samples(n, std)
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        masks = masks_normalize_first(a, x.shape[2:])
         g = generator(seed)
         total = torch.zeros(a.shape[1], x.shape[0], 1, dtype=x.dtype, device=x.device)
         for i in range(n):
-            noise = gaussian(masks.shape[1:], std, g, dtype=x.dtype, device=x.device)
-            total = total + _masked_scores(forward, x, masks, chunk_size, progress, f"sscam {i + 1}/{n}", noise=noise)
+            noise = gaussian((a.shape[1], *x.shape[2:]), std, g, dtype=x.dtype, device=x.device)
+            total = total + _masked_scores(
+                forward, x, a, masks_normalize_first, chunk_size, progress, f"sscam {i + 1}/{n}", noise=noise
+            )
         return (total / n - y.unsqueeze(0)).permute(1, 2, 0).softmax(-1)
 
     return _score_family(model, params, x, layer, target, options, weights)
@@ -365,11 +379,12 @@ def iscam(
     _check_samples(n)
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        masks = masks_normalize_first(a, x.shape[2:])
         total, coeff = 0, 0.0
         for i in range(n):
             coeff += (i + 1) / n
-            total = total + _masked_scores(forward, x, masks, chunk_size, progress, f"iscam {i + 1}/{n}", scale=coeff)
+            total = total + _masked_scores(
+                forward, x, a, masks_normalize_first, chunk_size, progress, f"iscam {i + 1}/{n}", scale=coeff
+            )
         return (total / n - y.unsqueeze(0)).permute(1, 2, 0).softmax(-1)
 
     return _score_family(model, params, x, layer, target, options, weights)
