@@ -14,7 +14,7 @@ What is measured, all in one process, on one random-weight torchvision model (re
    ``ablation="zero"``) against grad-cam ``AblationCAM(model, [model.layer4[-1]])`` (defaults:
    ``batch_size=32``, ``ratio_channels_to_ablate=1.0``). camfn runs the network up to the layer once and
    only the rest of it per ablated channel; grad-cam re-runs the whole network per channel.
-2. Score-CAM: ``camfn.scorecam`` (default ``chunk_size=32``, the masked copies per forward, as
+2. Score-CAM: ``camfn.scorecam`` (default ``chunk_size=16``, the masked copies per forward, as
    ``chunk_size // B`` channels x ``B`` images; also 16 and 64) against grad-cam ``ScoreCAM`` (no constructor
    option; 16 masked images per forward) and torchcam ``ScoreCAM(model, layer)`` (default ``batch_size=32``
    masked images per forward). torchcam builds its masks the other way round (min-max at layer resolution,
@@ -88,7 +88,7 @@ TARGET_ABLATION = 50.0  # grad-cam AblationCAM time / camfn.ablationcam time, at
 TARGET_SCORE = 1.5  # time of the faster Score-CAM reference / camfn.scorecam time, at least
 BUSY = 0.6  # below this share of (threads x wall time) the CPUs were shared with other processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHUNKS = (32, 16, 64)  # camfn.scorecam chunk sizes; the first is the default
+CHUNKS = (16, 32, 64)  # camfn.scorecam chunk sizes; the first is the default
 
 
 # ------------------------------------------------------------------------------------------ options

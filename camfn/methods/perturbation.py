@@ -269,7 +269,7 @@ def scorecam(
     layer: Layers = None,
     target: Target = None,
     *,
-    chunk_size: int | None = 32,
+    chunk_size: int | None = 16,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
@@ -314,7 +314,7 @@ def sscam(
     n: int = 35,
     std: float = 2.0,
     seed: Seed = 0,
-    chunk_size: int | None = 32,
+    chunk_size: int | None = 16,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
@@ -359,7 +359,7 @@ def iscam(
     target: Target = None,
     *,
     n: int = 10,
-    chunk_size: int | None = 32,
+    chunk_size: int | None = 16,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
