@@ -2,28 +2,30 @@
 
 Run from the repository root::
 
-    python -m benchmarks.perturbation              # 224 px, batch 1 and 4 (about 40 minutes on 2 cores)
-    python -m benchmarks.perturbation --quick      # 112 px, batch 1, fewer repeats (2-3 minutes on 2 cores)
+    python -m benchmarks.perturbation              # 224 px, batch 1 and 4 (15-20 minutes on 2 idle cores)
+    python -m benchmarks.perturbation --quick      # batch 1 only, fewer repeats (2-3 minutes on 2 idle cores)
     python -m benchmarks.perturbation --markdown   # tables as markdown, for the README
     python -m benchmarks.perturbation --profile    # also: where camfn.scorecam's time goes
 
 What is measured, all in one process, on one random-weight torchvision model (resnet18, eval, float32) at
 ``--layer`` (``layer4``), for each batch size:
 
-1. Ablation-CAM: ``camfn.ablationcam(model, params, x, layer, target)`` (defaults: ``chunk_size=64``,
-   ``ablation="zero"``) against grad-cam ``AblationCAM(model, [model.layer4[-1]])`` (defaults:
-   ``batch_size=32``, ``ratio_channels_to_ablate=1.0``). camfn runs the network up to the layer once and
-   only the rest of it per ablated channel; grad-cam re-runs the whole network per channel.
-2. Score-CAM: ``camfn.scorecam`` (default ``chunk_size=16``, the masked copies per forward, as
-   ``chunk_size // B`` channels x ``B`` images; also 16 and 64) against grad-cam ``ScoreCAM`` (no constructor
-   option; 16 masked images per forward) and torchcam ``ScoreCAM(model, layer)`` (default ``batch_size=32``
-   masked images per forward). torchcam builds its masks the other way round (min-max at layer resolution,
-   then upsampling), so its maps differ from grad-cam's and camfn's; camfn is compared with it at layer
-   resolution (``size=None``: the first, untimed camfn call), with grad-cam at input resolution.
+1. Ablation-CAM: ``camfn.ablationcam(model, params, x, layer, target)`` (defaults, ``ablation="zero"`` and
+   the ``chunk_size`` printed below, read from its signature) against grad-cam ``AblationCAM(model,
+   [model.layer4[-1]])`` (defaults: ``batch_size=32``, ``ratio_channels_to_ablate=1.0``). camfn runs the
+   network up to the layer once and only the rest of it per ablated channel; grad-cam re-runs the whole
+   network per channel.
+2. Score-CAM: ``camfn.scorecam`` (its default ``chunk_size``, read from the signature: the masked copies
+   per forward, as ``chunk_size // B`` channels x ``B`` images; also the other two of 16, 32 and 64) against
+   grad-cam ``ScoreCAM`` (no constructor option; 16 masked images per forward) and torchcam
+   ``ScoreCAM(model, layer)`` (default ``batch_size=32`` masked images per forward). torchcam builds its
+   masks the other way round (min-max at layer resolution, then upsampling), so its maps differ from
+   grad-cam's and camfn's; camfn is compared with it at layer resolution (``size=None``: the first, untimed
+   camfn call), with grad-cam at input resolution.
 3. Two floors: plain ``torch.no_grad()`` forwards of the same masked inputs of the non-constant channels,
-   32 images per forward, masks built per chunk; once on a channels-last copy of the model and inputs (the
-   fastest plain eager layout on CPU), once in the default NCHW layout the references use. What any
-   Score-CAM must spend in eager mode.
+   as many images per forward as camfn's default, masks built per chunk; once on a channels-last copy of
+   the model and inputs (the fastest plain eager layout on CPU), once in the default NCHW layout the
+   references use. What any Score-CAM must spend in eager mode.
 
 Every library gets its own ``copy.deepcopy`` of the model (same weights): the references register hooks,
 and camfn refuses hooked models by default. Each camfn case with default options is called once untimed
@@ -57,6 +59,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import inspect
 import io
 import json
 import platform
@@ -88,7 +91,9 @@ TARGET_ABLATION = 50.0  # grad-cam AblationCAM time / camfn.ablationcam time, at
 TARGET_SCORE = 1.5  # time of the faster Score-CAM reference / camfn.scorecam time, at least
 BUSY = 0.6  # below this share of (threads x wall time) the CPUs were shared with other processes
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHUNKS = (16, 32, 64)  # camfn.scorecam chunk sizes; the first is the default
+ABLATION_CHUNK = inspect.signature(camfn.ablationcam).parameters["chunk_size"].default
+SCORE_CHUNK = inspect.signature(camfn.scorecam).parameters["chunk_size"].default
+CHUNKS = (SCORE_CHUNK, *(c for c in (16, 32, 64) if c != SCORE_CHUNK))[:3]  # camfn.scorecam's; default first
 
 
 # ------------------------------------------------------------------------------------------ options
@@ -96,20 +101,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.perturbation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet18", help="torchvision model name [resnet18]")
     parser.add_argument("--layer", default="layer4", help="layer (module path) to explain [layer4]")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels [224; --quick: 112]")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels [224]")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="batch sizes [1 4; --quick: 1]")
     parser.add_argument("--repeats", type=int, default=None, help="timed camfn.ablationcam calls [5; --quick: 3]")
     parser.add_argument(
         "--score-repeats",
         type=int,
         default=None,
-        help="timed camfn.scorecam calls with the default chunk_size (half as many, at least 1, for chunk_size 16 "
-        "and 64) [2; --quick: 1]",
+        help="timed camfn.scorecam calls with the default chunk_size (half as many, at least 1, for the other "
+        "chunk sizes and the NCHW floor) [2; --quick: 1]",
     )
     parser.add_argument(
         "--methods", nargs="+", choices=("ablation", "score"), default=["ablation", "score"], help="[both]"
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 112 px, batch 1, fewer repeats")
+    parser.add_argument("--quick", action="store_true", help="batch 1 only, one timed call per camfn.scorecam case")
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument("--profile", action="store_true", help="profile one camfn.scorecam call after timing")
     parser.add_argument(
@@ -122,7 +127,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, input and targets [0]")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one case, for ru_maxrss
     args = parser.parse_args(argv)
-    quick = {"size": 112, "batches": [1], "repeats": 3, "score_repeats": 1}
+    quick = {"size": 224, "batches": [1], "repeats": 3, "score_repeats": 1}
     full = {"size": 224, "batches": [1, 4], "repeats": 5, "score_repeats": 2}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
@@ -144,7 +149,8 @@ def header(args: argparse.Namespace, argv: list[str]) -> list[str]:
         f"model {args.model} (random weights, eval), layer {args.layer!r}, {args.size}x{args.size} px, float32, "
         f"batches {', '.join(map(str, args.batches))}; camfn: one untimed first call, then median of "
         f"{args.repeats} (ablationcam) / {args.score_repeats} (scorecam; "
-        f"{max(1, args.score_repeats // 2)} for chunk_size 16 and 64) timed calls; references: 1 call each",
+        f"{max(1, args.score_repeats // 2)} for chunk_size {' and '.join(map(str, CHUNKS[1:]))}) timed calls; "
+        "references: 1 call each",
     ]
 
 
@@ -296,7 +302,7 @@ def build(args: argparse.Namespace) -> Bench:
                     "camfn.ablationcam",
                     group,
                     functools.partial(camfn.ablationcam, m_camfn, p, x, args.layer, c),
-                    "chunk_size=64 (default)",
+                    f"chunk_size={ABLATION_CHUNK} (default)",
                     key=f"ablation-{b}-camfn",
                     repeats=args.repeats,
                 ),
@@ -590,7 +596,7 @@ def report(bench: Bench, args: argparse.Namespace, busy: float | None, facts: di
     out.append(
         '"first call": the untimed first camfn call of the case (it traces the model with torch.fx and '
         "propagates shapes, cached afterwards; for scorecam it runs with size=None, for the torchcam comparison). "
-        "The chunk_size 16/64 variants reuse the warm trace and have no first call, nor have the floors. "
+        "The other chunk_size variants reuse the warm trace and have no first call, nor have the floors. "
         "References: "
         "one call each, no warm-up (each takes minutes at 224 px). "
         '"/ camfn": median time over the median of camfn with default options. Speed-ups divide the '
@@ -599,7 +605,9 @@ def report(bench: Bench, args: argparse.Namespace, busy: float | None, facts: di
         'over its timed calls). "load": 1-minute load average after the case\'s last call.'
     )
     out.append(
-        "Defaults: " + bench.state["defaults"] + f"; camfn ablationcam chunk_size=64, scorecam chunk_size={CHUNKS[0]}."
+        "Defaults: "
+        + bench.state["defaults"]
+        + f"; camfn ablationcam chunk_size={ABLATION_CHUNK}, scorecam chunk_size={SCORE_CHUNK}."
     )
     if busy is not None:
         out.append(
