@@ -25,10 +25,12 @@ from torch.func import vmap
 from ..errors import OptionError, TargetError
 from ..forward import Params, activations, channels_last, chunked
 from ..graph import Layer, Split, engine, split
-from ..noise import Seed, gaussian, generator
+from ..inference import bind
+from ..layout import pull_back
+from ..noise import Seed, gaussians
 from ..smoothing import smoothable
-from ..targets import Target, concrete, fixed
-from .core import Maps, Options, _options, finalize, num_classes, prepare, reduce
+from ..targets import Output, Target, concrete, fixed
+from .core import Maps, Options, _options, finalize, num_classes, prepare, reduce, to_maps
 
 __all__ = ["ablationcam", "iscam", "scorecam", "sscam"]
 
@@ -122,7 +124,17 @@ def ablationcam(
     raw, squeeze = [], True
     for node in nodes:
         weights, a, squeeze = _ablation(
-            split(traced, node), params, x, target, num_classes(traced, x), ablation, relative, chunk_size, progress
+            split(traced, node),
+            params,
+            x,
+            target,
+            num_classes(traced, x, opts["output"]),
+            ablation,
+            relative,
+            chunk_size,
+            progress,
+            opts["output"],
+            layout=to_maps(traced, model, node, x, opts) if opts["layout"] is not None else None,
         )
         raw.append(reduce(_contributions(weights, a), opts["eigen_smooth"]))
     return finalize(raw, x, opts, squeeze, single)
@@ -138,12 +150,27 @@ def _ablation(
     relative: bool,
     chunk_size: int | None,
     progress: bool,
+    selector: Output = None,
+    layout: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, bool]:
-    """Ablation weights ``(B, T, K)`` at one cut, the activation, and whether ``T`` is squeezed."""
-    a, extras = cut.head(params, x)
-    output = cut.tail(params, a, *extras)
+    """Ablation weights ``(B, T, K)`` at one cut, the activation, and whether ``T`` is squeezed.
+
+    With a ``layout`` the channels are ablated in the layout's ``(B, K, *spatial)`` frame and carried
+    back to the layer's frame (:func:`camfn.layout.pull_back`) before the tail runs.
+    """
+    layer_a, extras = cut.head(params, x)
+    output = cut.tail(params, layer_a, *extras)
+    a = layer_a if layout is None else layout(layer_a)
+
+    def to_layer(maps: Tensor) -> Tensor:  # (c, B, K, ...) in the map frame -> the layer's frame
+        if layout is None:
+            return maps
+        like = layer_a.unsqueeze(0).expand(maps.shape[0], *layer_a.shape).flatten(0, 1)
+        back = pull_back(layout, like, (maps - a.unsqueeze(0)).flatten(0, 1)).unflatten(0, maps.shape[:2])
+        return layer_a.unsqueeze(0) + back
+
     fast = channels_last(params)
-    score = fixed(target, output, x.shape[0], n_classes)
+    score = fixed(target, output, x.shape[0], n_classes, selector)
     y = score(output)
     squeeze = y.ndim == 1
     k, spatial = a.shape[1], [1] * (a.ndim - 2)
@@ -155,7 +182,7 @@ def _ablation(
     def ablate(idx: Tensor) -> Tensor:
         hit = channels == idx.reshape(-1, 1, 1, *spatial)  # (c, 1, K, 1, ...)
         ablated = torch.where(hit, fill, a.unsqueeze(0))  # (c, B, K, ...)
-        return _score_chunk(lambda *args: cut.tail(fast, *args), score, ablated, *extras)
+        return _score_chunk(lambda *args: cut.tail(fast, *args), score, to_layer(ablated), *extras)
 
     yk = chunked(ablate, k, _channels(chunk_size, x.shape[0]), device=a.device, progress=progress, desc="ablationcam")
     return _ablation_weights(_as_bt(y, x.shape[0]), yk, relative), a, squeeze
@@ -246,16 +273,17 @@ def _score_family(
     traced, nodes, single = prepare(model, x, layer, opts)
     program = traced.program()
     output = program(params, x)
-    score = fixed(target, output, x.shape[0], num_classes(traced, x))
+    score = fixed(target, output, x.shape[0], num_classes(traced, x, opts["output"]), opts["output"])
     y = score(output)
     squeeze = y.ndim == 1
 
-    fast = channels_last(params)
+    network = bind(traced, channels_last(params), x)  # folded, fused, packed on the CPU
 
     def forward(inputs: Tensor) -> Tensor:
-        return _score_chunk(lambda i: program(fast, i), score, inputs)
+        return _score_chunk(network, score, inputs)
 
     _, acts = activations(engine(traced, nodes, with_output=False), params, x)
+    acts = tuple(to_maps(traced, model, n, x, opts)(a) for n, a in zip(nodes, acts, strict=True))
     y = _as_bt(y, x.shape[0])
     raw = [reduce(_contributions(weights(forward, x, a, y), a), opts["eigen_smooth"]) for a in acts]
     return finalize(raw, x, opts, squeeze, single)
@@ -338,10 +366,9 @@ def sscam(
     _check_samples(n, std)
 
     def weights(forward: Callable[[Tensor], Tensor], x: Tensor, a: Tensor, y: Tensor) -> Tensor:
-        g = generator(seed)
         total = torch.zeros(a.shape[1], x.shape[0], 1, dtype=x.dtype, device=x.device)
-        for i in range(n):
-            noise = gaussian((a.shape[1], *x.shape[2:]), std, g, dtype=x.dtype, device=x.device)
+        draws = gaussians((a.shape[1], *x.shape[2:]), std, seed, n, dtype=x.dtype, device=x.device)
+        for i, noise in enumerate(draws):
             total = total + _masked_scores(
                 forward, x, a, masks_normalize_first, chunk_size, progress, f"sscam {i + 1}/{n}", noise=noise
             )
