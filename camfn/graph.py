@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
@@ -45,7 +46,20 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .errors import HookError, InputError, LayerError, TraceError, nearest
 
-__all__ = ["Engine", "LayerInfo", "Program", "Split", "Traced", "default_layer", "engine", "layers", "split", "trace"]
+__all__ = [
+    "Cut",
+    "Engine",
+    "LayerInfo",
+    "Program",
+    "Split",
+    "Traced",
+    "default_layer",
+    "engine",
+    "layers",
+    "split",
+    "trace",
+    "trace_export",
+]
 
 Layer = str | nn.Module
 HookPolicy = Literal["error", "ignore", "keep"]
@@ -280,6 +294,12 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]] = weakref.Weak
 _CACHE_LOCK = threading.Lock()
 
 
+def _cache_lock() -> Any:
+    """The trace-cache lock; a no-op inside ``torch.compile`` (dynamo cannot enter a lock, and a compiled
+    call only reads a cache that :func:`camfn.compiled` filled before compiling)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _CACHE_LOCK
+
+
 def trace(
     model: nn.Module,
     *,
@@ -301,7 +321,7 @@ def trace(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_hooks(model, hooks)
     key = (_fingerprint(model), hooks, _freeze(tracer_options))
-    with _CACHE_LOCK:
+    with _cache_lock():
         per_model = _CACHE.setdefault(model, {})
         if key in per_model:
             return per_model[key]
@@ -309,31 +329,62 @@ def trace(
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError("TorchScript modules cannot be traced by torch.fx; explain the original nn.Module instead.")
     skeleton = _skeleton(model, hooks, {})
-    tracer = NodePathTracer(**_tracer_kwargs(tracer_options))
+    tracer = (_CutTracer if isinstance(model, Cut) else NodePathTracer)(**_tracer_kwargs(tracer_options))
     try:
         graph = tracer.trace(skeleton, concrete_args=(tracer_options or {}).get("concrete_args"))
     except Exception as err:
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: {type(err).__name__}: {err}\n"
-            "Ways out: mark the untraceable submodules as leaves, "
-            "tracer_options={'leaf_modules': [TheirClass]}; wrap free functions with "
-            "tracer_options={'autowrap_functions': [fn]}; or fix Python control flow on tensor values with "
-            "tracer_options={'concrete_args': {...}}."
+            "Three ways out:\n"
+            "  1. tracer options: mark the untraceable submodules as leaves, "
+            "tracer_options={'leaf_modules': [TheirClass]} (layers inside them can no longer be picked); wrap free "
+            "functions with tracer_options={'autowrap_functions': [fn]}; fix Python control flow on arguments with "
+            "tracer_options={'concrete_args': {...}};\n"
+            "  2. tracer='export': trace with torch.export instead (handles control flow on shapes; layer names "
+            "stay module paths such as 'layer4');\n"
+            "  3. camfn.Cut(head, tail): explain model=camfn.Cut(head, tail) at layer='head', with head(x) -> A "
+            "and tail(A) -> output written by you (works for any model)."
         ) from err
     module = fx.GraphModule(tracer.root, graph, type(model).__name__)
-    qualname = {n.name: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
+    qualname = _module_paths(
+        {n: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
+    )
     state_keys = frozenset(k for k, _ in model.named_parameters(remove_duplicate=False)) | frozenset(
         k for k, _ in model.named_buffers(remove_duplicate=False)
     )
     traced = Traced(module=module, qualname=qualname, state_keys=state_keys)
-    with _CACHE_LOCK:
+    with _cache_lock():
         _CACHE.setdefault(model, {})[key] = traced
     return traced
 
 
+def _module_paths(names: dict[fx.Node, str]) -> dict[str, str]:
+    """Node name -> user-facing name, with every module call named by its true module path.
+
+    torchvision's tracer strips a trailing ``_<digits>`` before numbering repeated calls, so a module
+    named ``ln_2`` was listed as ``ln_1`` (the name of another module). Here the ``k``-th call of module
+    ``path`` is ``path`` (``k = 0``) or ``path_k``, as for ``layer4.1.relu`` / ``layer4.1.relu_1``.
+    """
+    calls: dict[str, int] = {}
+    out = {}
+    for node, name in names.items():
+        if node.op == "call_module":
+            k = calls.get(str(node.target), 0)
+            calls[str(node.target)] = k + 1
+            name = str(node.target) if k == 0 else f"{node.target}_{k}"
+        out[node.name] = name
+    return out
+
+
 # ------------------------------------------------------------------------------------------- rewrite
+def _mutating_op(target: Any) -> bool:
+    """An aten op (from ``torch.export``) that writes one of its inputs, e.g. ``aten.relu_``."""
+    schema = getattr(target, "_schema", None)
+    return bool(schema is not None and schema.is_mutable)
+
+
 def _impure(node: fx.Node) -> bool:
-    if node.is_impure():
+    if node.is_impure() or (node.op == "call_function" and _mutating_op(node.target)):
         return True
     target = getattr(node.target, "__name__", node.target)
     return isinstance(target, str) and target.endswith("_") and not target.endswith("__")
@@ -410,7 +461,7 @@ def engine(traced: Traced, layers: Sequence[str], *, with_output: bool = True) -
     env: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(traced.module.graph, env)
     old = {n.name: n for n in traced.module.graph.nodes}
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    anchor = next(n for n in graph.nodes if n.op == "placeholder")  # right after x: later ones may have defaults
     deltas = []
     for i, _ in enumerate(layers):
         with graph.inserting_after(anchor):
@@ -442,7 +493,7 @@ def _inplace(node: fx.Node, root: nn.Module) -> bool:
     if node.op in ("call_method", "call_function"):
         name = getattr(node.target, "__name__", node.target)
         named = isinstance(name, str) and name.endswith("_") and not name.endswith("__")
-        return named or node.kwargs.get("inplace", False) is True
+        return named or _mutating_op(node.target) or node.kwargs.get("inplace", False) is True
     return False
 
 
@@ -561,6 +612,7 @@ def default_layer(
     *,
     hooks: HookPolicy = "error",
     tracer_options: dict[str, Any] | None = None,
+    tracer: str = "fx",
 ) -> str:
     """The layer ``layer=None`` picks: the last one whose output has a spatial extent above 1.
 
@@ -569,9 +621,23 @@ def default_layer(
         >>> camfn.default_layer(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
         'layer4.1.relu_1'
     """
-    traced = trace(model, hooks=hooks, tracer_options=tracer_options)
     x = x if isinstance(x, torch.Tensor) else torch.empty(tuple(x))
+    traced = _traced(model, x, hooks, tracer_options, tracer)
     return traced.qualname[_default_node(traced, x)]
+
+
+def _traced(
+    model: nn.Module, x: torch.Tensor | None, hooks: HookPolicy, tracer_options: dict[str, Any] | None, tracer: str
+) -> Traced:
+    if tracer == "export":
+        if x is None:
+            raise InputError(
+                "tracer='export' needs an example input: pass x (a tensor or a shape such as (1, 3, 64, 64))"
+            )
+        return trace_export(model, x, hooks=hooks)
+    if tracer != "fx":
+        raise ValueError(f"tracer={tracer!r}: use 'fx' (default) or 'export'")
+    return trace(model, hooks=hooks, tracer_options=tracer_options)
 
 
 def layers(
@@ -580,12 +646,14 @@ def layers(
     *,
     hooks: HookPolicy = "error",
     tracer_options: dict[str, Any] | None = None,
+    tracer: str = "fx",
 ) -> list[LayerInfo]:
     """List the layers a user can pass, in execution order, with output shapes for input ``x``.
 
     Args:
         model: the model (not modified).
         x: an example input or its shape, e.g. ``(1, 3, 224, 224)``; without it shapes are ``None``.
+        tracer: ``"fx"`` or ``"export"`` (``torch.export``; needs ``x``), as the methods' option.
 
     Example:
         >>> import torchvision, camfn
@@ -593,9 +661,9 @@ def layers(
         >>> info[-4]
         LayerInfo(name='layer4.1.relu_1', op='call_module', module='ReLU', shape=(1, 512, 2, 2))
     """
-    traced = trace(model, hooks=hooks, tracer_options=tracer_options)
     if x is not None and not isinstance(x, torch.Tensor):
         x = torch.empty(tuple(x))
+    traced = _traced(model, x, hooks, tracer_options, tracer)
     shapes = traced.node_shapes(x) if x is not None else {}
     nodes = {n.name: n for n in traced.module.graph.nodes}
     out = []
@@ -615,7 +683,194 @@ def resolve_layers(
 ) -> tuple[list[str], bool]:
     """fx node names for ``layer`` (``None``: the default layer) and whether a single layer was given."""
     names = layer_names(model, layer)
+    if names is None and isinstance(model, Cut):
+        return [traced.resolve("head")], True
     if names is None:
         return [_default_node(traced, x)], True
     single = isinstance(layer, str | nn.Module)
     return [traced.resolve(n) for n in names], single
+
+
+# ------------------------------------------------------------------------------ escape hatch: a cut
+class _Function(nn.Module):
+    """A plain callable as a module (no parameters of its own: it closes over whatever it uses)."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+class Cut(nn.Module):
+    r"""A model given as ``head(x) -> A`` and ``tail(A) -> output``: the escape hatch for any model.
+
+    Explain ``Cut(head, tail)`` as the model at ``layer="head"`` (the default). camfn never traces
+    inside ``head`` or ``tail``; the gradient is the pullback of the tail at ``A``:
+
+    .. math:: G = \frac{\partial S(\mathrm{tail}(A))}{\partial A}\Big|_{A = \mathrm{head}(x)}
+
+    ``head`` and ``tail`` are modules or plain callables (closures over the user's modules: their
+    parameters are then read from those modules, not from ``params``). With ``tail_takes_input=True``
+    the tail is called as ``tail(A, x)`` (detection models need the images after the backbone).
+    ``autograd_tail=True`` differentiates the tail with plain ``torch.autograd`` instead of
+    ``torch.func`` (for ops without functorch support, such as torchvision's ``roi_align`` in detection
+    heads); the tail must then return a tensor and the target one score per sample.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> net = torchvision.models.resnet18().eval()
+        >>> head = torch.nn.Sequential(*list(net.children())[:-2])
+        >>> tail = lambda a: net.fc(a.mean((2, 3)))
+        >>> cut = camfn.Cut(head, tail)
+        >>> camfn.gradcam(cut, camfn.params(cut), torch.randn(1, 3, 64, 64), "head", 3).shape
+        torch.Size([1, 64, 64])
+    """
+
+    def __init__(self, head: Any, tail: Any, *, tail_takes_input: bool = False, autograd_tail: bool = False) -> None:
+        super().__init__()
+        if not (callable(head) and callable(tail)):
+            raise TypeError("Cut(head, tail) needs two callables: head(x) -> A and tail(A) -> output")
+        self.head = head if isinstance(head, nn.Module) else _Function(head)
+        if autograd_tail:
+            tail = _Function(lambda a, *rest, fn=tail: _AutogradTail.apply(a, fn, rest))
+        self.tail = tail if isinstance(tail, nn.Module) else _Function(tail)
+        self.tail_takes_input = tail_takes_input
+
+    def forward(self, x: torch.Tensor) -> Any:
+        a = self.head(x)
+        return self.tail(a, x) if self.tail_takes_input else self.tail(a)
+
+
+class _AutogradTail(torch.autograd.Function):
+    """``fn(a, *rest)`` whose backward re-runs ``fn`` under plain autograd (once differentiable)."""
+
+    @staticmethod
+    def forward(a: torch.Tensor, fn: Any, rest: tuple) -> torch.Tensor:
+        with torch.no_grad():
+            return fn(a, *rest)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        a, fn, rest = inputs
+        ctx.fn, ctx.rest = fn, rest
+        ctx.save_for_backward(a)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (a,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = a.detach().requires_grad_(True)
+            rest = [r.detach() if isinstance(r, torch.Tensor) else r for r in ctx.rest]
+            (g,) = torch.autograd.grad(ctx.fn(leaf, *rest), leaf, grad, allow_unused=True)
+        return (torch.zeros_like(a) if g is None else g), None, None
+
+
+class _CutTracer(NodePathTracer):
+    """Traces a :class:`Cut` as two opaque calls."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        return module_qualname in ("head", "tail") or super().is_leaf_module(m, module_qualname)
+
+
+# -------------------------------------------------------------------------- escape hatch: export
+def _size(t: torch.Tensor, dim: int) -> int:
+    """``t.shape[dim]``: replaces ``aten.sym_size`` in exported graphs (it has no vmap rule)."""
+    return t.shape[dim]
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    packet = getattr(target, "_overloadpacket", None)
+    name = getattr(packet, "__name__", None) or getattr(target, "__name__", str(target))
+    return name if name.startswith("__") else name.rstrip("_")  # add_ -> add, as torch.fx names it
+
+
+def _export_names(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
+    """Module-path names for exported nodes, from ``node.meta["nn_module_stack"]``.
+
+    The last node of a call to a leaf module gets the module path (``"layer4.1.relu"``; a second call
+    ``"layer4.1.relu_1"``, as torchvision's tracer names them); other nodes get ``path.op``.
+    """
+    modules = dict(model.named_modules())
+    nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+    groups: dict[str, list[fx.Node]] = {}
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        key = next(reversed(stack)) if stack else ""
+        groups.setdefault(key, []).append(n)
+    names: dict[str, str] = {}
+    used: dict[str, int] = {}
+
+    def unique(name: str) -> str:
+        count = used.get(name, 0)
+        used[name] = count + 1
+        return name if count == 0 else f"{name}_{count}"
+
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        key = next(reversed(stack)) if stack else ""
+        path = stack[key][0] if stack else ""
+        leaf = path in modules and path != "" and not any(True for _ in modules[path].children())
+        if leaf and groups[key][-1] is n:
+            names[n.name] = unique(path)
+        else:
+            names[n.name] = unique(f"{path}.{_op_name(n)}" if path else _op_name(n))
+    return names
+
+
+def trace_export(model: nn.Module, x: torch.Tensor, *, hooks: HookPolicy = "error") -> Traced:
+    """Trace ``model`` with ``torch.export`` (for models torch.fx cannot trace); cached per input shape.
+
+    The batch dimension is exported as dynamic, other dimensions are fixed to ``x``'s. Layer names are
+    module paths recovered from ``nn_module_stack`` (``"layer4"`` resolves to the last node inside it),
+    so the same ``layer`` works with ``tracer="fx"`` and ``tracer="export"``.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> camfn.gradcam(model, camfn.params(model), x, "layer4", 2, tracer="export").shape
+        torch.Size([1, 64, 64])
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_hooks(model, hooks)
+    key = (_fingerprint(model), hooks, "export", tuple(x.shape[1:]), x.dtype, x.device.type)
+    with _cache_lock():
+        per_model = _CACHE.setdefault(model, {})
+        if key in per_model:
+            return per_model[key]
+    skeleton = _skeleton(model, hooks, {})
+    example = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    try:
+        program = torch.export.export(skeleton, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    except Exception as err:
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(err).__name__}: {str(err)[:2000]}\n"
+            "Data-dependent Python control flow defeats both torch.fx and torch.export: mark that submodule "
+            "as a leaf (tracer_options={'leaf_modules': [TheirClass]}) or explain camfn.Cut(head, tail)."
+        ) from err
+    unlifted = program.module()
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    flat_out = graph.graph_copy(unlifted.graph, env)
+    spec = getattr(unlifted, "_out_spec", None) or program.call_spec.out_spec
+    out = torch.utils._pytree.tree_unflatten(list(flat_out), spec) if spec is not None else flat_out
+    graph.output(out)
+    for n in list(graph.nodes):
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int:
+            n.target = _size
+        elif n.op == "call_module" and str(n.target).startswith("_guards"):
+            graph.erase_node(n)
+    graph.eliminate_dead_code()
+    module = fx.GraphModule(unlifted, graph, type(model).__name__)
+    qualname = _export_names(module, model)
+    state_keys = frozenset(k for k, _ in model.named_parameters(remove_duplicate=False)) | frozenset(
+        k for k, _ in model.named_buffers(remove_duplicate=False)
+    )
+    traced = Traced(module=module, qualname=qualname, state_keys=state_keys)
+    with _cache_lock():
+        _CACHE.setdefault(model, {})[key] = traced
+    return traced

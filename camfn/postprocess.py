@@ -113,8 +113,9 @@ def first_component(maps: Tensor, ndim: int = 2, reference: Tensor | None = None
     x = maps.reshape(*maps.shape[: -ndim - 1], k, -1).transpose(-1, -2)  # (..., HW, K)
     x = x - x.mean(dim=-2, keepdim=True)
     x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
-    _, _, vh = torch.linalg.svd(x, full_matrices=False)
-    proj = (x @ vh[..., 0, :].unsqueeze(-1)).squeeze(-1)  # (..., HW)
+    low = x.dtype in (torch.float16, torch.bfloat16)  # no half-precision SVD kernels: solve in float32
+    _, _, vh = torch.linalg.svd(x.float() if low else x, full_matrices=False)
+    proj = (x @ vh[..., 0, :].to(x.dtype).unsqueeze(-1)).squeeze(-1)  # (..., HW)
     ref = x.sum(-1) if reference is None else reference.reshape(proj.shape)
     ref = ref - ref.mean(-1, keepdim=True)
     corr = ((proj - proj.mean(-1, keepdim=True)) * ref).sum(-1, keepdim=True)

@@ -26,6 +26,7 @@ from torch import Tensor
 from .checks import check_input
 from .forward import apply
 from .postprocess import normalize
+from .targets import pick
 
 __all__ = ["FACTORS", "augmented", "smoothable"]
 
@@ -41,7 +42,7 @@ def augmented(method: Callable[..., Any], model: Any, params: Any, x: Tensor, la
     batch, n = x.shape[0], len(VARIANTS)
     if target is None:
         trace_options = {k: options[k] for k in ("hooks", "tracer_options") if k in options}
-        target = apply(model, params, x, **trace_options).argmax(1)
+        target = pick(apply(model, params, x, **trace_options), options.get("output")).argmax(1)
     if isinstance(target, Tensor):
         target = target.repeat(n, *([1] * (target.ndim - 1)))
     xs = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in VARIANTS])

@@ -15,6 +15,12 @@ callable               ``fn(output)``, shape ``(B,)`` or ``(B, T)``  as its shap
 
 Selection uses ``gather`` so it works under ``torch.func.vmap`` (no ``.item()``).
 
+Ready-made callable targets (each ``output -> (B,)``, batched and ``vmap``-safe on tensor outputs):
+:func:`logit`, :func:`probability`, :func:`contrastive` (Finer-CAM), :func:`segmentation`,
+:func:`detection` (torchvision detection outputs) and :func:`similarity` (embeddings). Models that return
+tuples, dicts or objects with ``.logits`` are explained with the ``output`` option (see :func:`pick`),
+e.g. ``camfn.gradcam(..., target=camfn.targets.segmentation(3), output="out")``.
+
 Example:
     >>> import torch
     >>> from camfn.targets import scores
@@ -26,17 +32,35 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import TargetError
+from .errors import OptionError, TargetError
 
-__all__ = ["Target", "classes", "concrete", "fixed", "logit", "scores"]
+__all__ = [
+    "Output",
+    "Target",
+    "classes",
+    "concrete",
+    "contrastive",
+    "detection",
+    "fixed",
+    "logit",
+    "pick",
+    "probability",
+    "scores",
+    "segmentation",
+    "similarity",
+]
 
 Target = int | Tensor | Callable[[Tensor], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]
+Output = str | int | Callable[[Any], Any] | None
+"""The ``output`` option: which part of the model's output the target reads."""
 
 
 def concrete(t: Tensor) -> bool:
@@ -59,11 +83,256 @@ def logit(c: int | Tensor) -> ScoreFn:
     return score
 
 
+def _class_index(c: int | Tensor | None, output: Tensor) -> Tensor:
+    """Class indices ``(B, 1)`` for ``c`` (an int, a ``(B,)`` tensor, or ``None``: the top-1 class)."""
+    if c is None:
+        return output.argmax(1, keepdim=True)
+    return torch.as_tensor(c, device=output.device).expand(output.shape[0]).reshape(-1, 1)
+
+
+def _logits(output: object, what: str) -> Tensor:
+    if not isinstance(output, Tensor) or output.ndim != 2:
+        got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise TargetError(f"{what} needs (B, num_classes) logits, got {got}; select them with the output= option")
+    return output
+
+
+def probability(c: int | Tensor | None = None) -> ScoreFn:
+    r"""Target: the softmax probability of class ``c`` (``None``: each sample's top-1 class).
+
+    .. math:: S_b = \frac{\exp y_{b, c_b}}{\sum_j \exp y_{b, j}}
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import probability
+        >>> probability(1)(torch.tensor([[0.0, 0.0], [0.0, 2.0]]))
+        tensor([0.5000, 0.8808])
+    """
+
+    def score(output: Tensor) -> Tensor:
+        output = _logits(output, "probability")
+        return output.softmax(1).gather(1, _class_index(c, output)).squeeze(1)
+
+    return score
+
+
+def contrastive(
+    c: int | Tensor | None = None,
+    others: int | Sequence[int] | Tensor | None = None,
+    *,
+    k: int = 1,
+    gamma: float = 1.0,
+) -> ScoreFn:
+    r"""Target: class ``c`` against similar classes, as in Finer-CAM (Zhang et al., CVPR 2025).
+
+    .. math:: S_b = y_{b, c_b} - \gamma \, \frac{1}{|D_b|} \sum_{d \in D_b} y_{b, d}
+
+    ``D_b`` is ``others`` (an int, a list or ``(M,)`` tensor shared by the batch, or a ``(B, M)`` tensor per
+    sample) or, with ``others=None``, the ``k`` classes with the highest logits other than ``c_b`` (the
+    classes the model confuses with ``c_b``). ``c=None`` is each sample's top-1 class. ``gamma`` is the
+    comparison strength: 0 gives the plain logit, 1 the full difference. The map then shows what tells
+    ``c`` apart from ``D`` rather than everything that supports ``c``.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import contrastive
+        >>> y = torch.tensor([[3.0, 2.0, 0.0], [1.0, 5.0, 4.0]])
+        >>> contrastive(0)(y), contrastive(None, k=2)(y), contrastive(0, [1, 2], gamma=0.5)(y)
+        (tensor([ 1., -4.]), tensor([2.0000, 2.5000]), tensor([ 2.5000, -1.2500]))
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int")
+
+    def score(output: Tensor) -> Tensor:
+        output = _logits(output, "contrastive")
+        index = _class_index(c, output)
+        if others is None:
+            if k >= output.shape[1]:
+                raise TargetError(f"k={k} but the model has only {output.shape[1]} classes; use k < num_classes")
+            is_c = torch.arange(output.shape[1], device=output.device) == index
+            rest = torch.where(is_c, torch.full_like(output, -torch.inf), output)
+            other = rest.topk(k, 1).indices
+        else:
+            other = torch.as_tensor(others, device=output.device).long()
+            other = other.reshape(1, -1) if other.ndim < 2 else other
+            other = other.expand(output.shape[0], other.shape[1])
+        return output.gather(1, index).squeeze(1) - gamma * output.gather(1, other).mean(1)
+
+    return score
+
+
+def segmentation(c: int | Tensor, mask: Tensor | None = None) -> ScoreFn:
+    r"""Target for semantic segmentation: class ``c``'s logits summed over a mask.
+
+    For an output ``(B, C, H, W)`` (e.g. torchvision's ``model(x)["out"]``: pass ``output="out"``):
+
+    .. math:: S_b = \sum_{ij} y_{b, c_b, ij} \, M_{b, ij}
+
+    ``mask`` is ``(H, W)`` or ``(B, H, W)`` (bool or float); ``None`` is where ``c`` is the arg-max class,
+    read from the same output (it carries no gradient). ``c`` is an int or a ``(B,)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import segmentation
+        >>> y = torch.zeros(1, 2, 2, 2)
+        >>> y[0, 1] = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
+        >>> segmentation(1)(y), segmentation(1, torch.ones(2, 2))(y)
+        (tensor([6.]), tensor([5.]))
+    """
+
+    def score(output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.ndim < 3:
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise TargetError(f"segmentation needs (B, C, H, W) scores, got {got}; for a dict output pass output='out'")
+        b, spatial = output.shape[0], output.shape[2:]
+        index = torch.as_tensor(c, device=output.device).expand(b).reshape(b, 1, *([1] * len(spatial)))
+        picked = output.gather(1, index.expand(b, 1, *spatial)).squeeze(1)
+        if mask is None:
+            region = (output.argmax(1) == index.squeeze(1)).to(output.dtype)
+        else:
+            region = torch.as_tensor(mask, device=output.device).to(output.dtype)
+            if region.shape[-len(spatial) :] != spatial:
+                raise TargetError(
+                    f"mask has shape {tuple(region.shape)}; the output's spatial size is {tuple(spatial)}"
+                )
+        return (picked * region).flatten(1).sum(1)
+
+    return score
+
+
+def _box_score(found: Mapping[str, Tensor], boxes: Tensor, labels: Tensor, iou: float) -> Tensor:
+    """``sum_j`` score of the predicted box matching reference box ``j`` (same label, best IoU > ``iou``)."""
+    from torchvision.ops import box_iou
+
+    scores = found["scores"]
+    if scores.numel() == 0 or boxes.numel() == 0:
+        return scores.sum() * 0
+    boxes = boxes.to(device=found["boxes"].device, dtype=found["boxes"].dtype).reshape(-1, 4)
+    overlap = box_iou(boxes, found["boxes"])  # (references, predictions)
+    labels = labels.to(found["labels"].device).reshape(-1, 1)
+    valid = (labels == found["labels"].reshape(1, -1)) & (overlap > iou)
+    best = torch.where(valid, overlap, torch.full_like(overlap, -1)).argmax(1)
+    return torch.where(valid.any(1), scores[best], torch.zeros_like(scores[best])).sum()
+
+
+def detection(
+    boxes: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor], iou: float = 0.5
+) -> Callable[[Any], Tensor]:
+    r"""Target for torchvision detection outputs (a list of dicts with ``boxes``, ``labels``, ``scores``).
+
+    For each image ``b`` and reference box ``r_j`` with label ``l_j``, the *match* is the predicted box
+    with label ``l_j`` and the highest IoU with ``r_j``, if that IoU exceeds ``iou``:
+
+    .. math:: S_b = \sum_j \begin{cases} s_{\mathrm{match}(j)} & \text{if } r_j \text{ has a match} \\
+              0 & \text{otherwise} \end{cases}
+
+    ``boxes`` (``(N, 4)``, ``x1, y1, x2, y2``) and ``labels`` (``(N,)``) are shared by the batch, or lists
+    with one entry per image. Differentiable through the predicted scores.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import detection
+        >>> found = [{"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]]),
+        ...           "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}]
+        >>> detection(torch.tensor([[1.0, 1, 10, 10], [20, 20, 30, 30]]), torch.tensor([1, 1]))(found)
+        tensor([0.9000])
+    """
+
+    def score(output: Any) -> Tensor:
+        found = [output] if isinstance(output, Mapping) else output
+        if not isinstance(found, Sequence) or not all(
+            isinstance(f, Mapping) and {"boxes", "labels", "scores"} <= set(f) for f in found
+        ):
+            raise TargetError(
+                "detection needs torchvision detection outputs: a list of dicts with 'boxes', 'labels' and "
+                f"'scores' (one per image), got {type(output).__name__}"
+            )
+        per_image = isinstance(boxes, Sequence) and not isinstance(boxes, Tensor)
+        if per_image and (len(boxes) != len(found) or len(labels) != len(found)):
+            raise TargetError(
+                f"boxes/labels are per image lists of {len(boxes)}/{len(labels)}, the batch has {len(found)}"
+            )
+        ref = [(boxes[i], labels[i]) if per_image else (boxes, labels) for i in range(len(found))]
+        return torch.stack(
+            [
+                _box_score(f, torch.as_tensor(b), torch.as_tensor(lab), iou)
+                for f, (b, lab) in zip(found, ref, strict=True)
+            ]
+        )
+
+    return score
+
+
+def similarity(reference: Tensor) -> ScoreFn:
+    r"""Target for embedding models: cosine similarity between the output embedding and ``reference``.
+
+    .. math:: S_b = \frac{\langle e_b, r_b \rangle}{\max(\lVert e_b \rVert \lVert r_b \rVert, \epsilon)}
+
+    ``reference`` is ``(D,)`` (shared) or ``(B, D)``; outputs ``(B, ...)`` are flattened to ``(B, D)``.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import similarity
+        >>> similarity(torch.tensor([1.0, 0.0]))(torch.tensor([[2.0, 0.0], [1.0, 1.0]]))
+        tensor([1.0000, 0.7071])
+    """
+
+    def score(output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor):
+            raise TargetError(f"similarity needs a tensor embedding, got {type(output).__name__}; use output=")
+        e = output.flatten(1)
+        r = torch.as_tensor(reference, device=output.device, dtype=output.dtype)
+        r = r.reshape(1, -1) if r.ndim < 2 else r.flatten(1)
+        if r.shape[1] != e.shape[1]:
+            raise TargetError(f"reference has {r.shape[1]} features, the model's embedding has {e.shape[1]}")
+        return F.cosine_similarity(e, r.expand_as(e), dim=1)
+
+    return score
+
+
+def pick(output: Any, selector: Output) -> Any:
+    """The part of a model's output that the target reads: the ``output`` option.
+
+    ``None``: the output as it is; a ``str``: a dict key, else an attribute (``"logits"`` of Hugging Face
+    outputs, ``"out"`` of torchvision segmentation models); an ``int``: an index into a tuple or list; a
+    callable: ``selector(output)``.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import pick
+        >>> pick({"out": torch.zeros(1, 2), "aux": None}, "out").shape, pick((1, 2), -1)
+        (torch.Size([1, 2]), 2)
+    """
+    if selector is None:
+        return output
+    if isinstance(selector, str):
+        if isinstance(output, Mapping):
+            if selector in output:
+                return output[selector]
+            raise OptionError(f"output={selector!r}: the model returns a dict with keys {list(output)}; pick one")
+        if hasattr(output, selector):
+            return getattr(output, selector)
+        raise OptionError(f"output={selector!r}: the model returns a {type(output).__name__} without that attribute")
+    if isinstance(selector, int) and not isinstance(selector, bool):
+        if isinstance(output, tuple | list) and -len(output) <= selector < len(output):
+            return output[selector]
+        n = len(output) if isinstance(output, tuple | list) else None
+        raise OptionError(
+            f"output={selector}: the model returns a {type(output).__name__}"
+            + (f" of {n} items" if n is not None else ", not a tuple or list")
+        )
+    if callable(selector):
+        return selector(output)
+    raise OptionError(f"output={selector!r}: use None, a str key or attribute, an int index or a callable")
+
+
 def _check_logits(output: object, what: str) -> Tensor:
     if not isinstance(output, Tensor):
+        keys = f" with keys {list(output)}" if isinstance(output, Mapping) else ""
         raise TargetError(
-            f"the model returns a {type(output).__name__}, so a class {what} cannot pick a score; "
-            "pass target=callable(output) -> (B,) scores instead"
+            f"the model returns a {type(output).__name__}{keys}, so a class {what} cannot pick a score; "
+            "select the logits with the output= option (a dict key, an attribute such as 'logits', a tuple "
+            "index or a callable), or pass target=callable(output) -> (B,) scores"
         )
     if output.ndim != 2:
         raise TargetError(
@@ -118,31 +387,41 @@ def _check_range(target: Tensor, num_classes: int | None) -> None:
         )
 
 
-def scores(target: Target, batch: int, num_classes: int | None) -> ScoreFn:
-    """The score function ``output -> (B,)`` or ``(B, T)`` for ``target`` (validated first).
+def scores(target: Target, batch: int, num_classes: int | None, output: Output = None) -> ScoreFn:
+    """The score function ``model output -> (B,)`` or ``(B, T)`` for ``target`` (validated first).
 
-    A ``(B,)`` result gives one map per sample, ``(B, T)`` gives ``T`` maps per sample.
+    A ``(B,)`` result gives one map per sample, ``(B, T)`` gives ``T`` maps per sample. ``output`` selects
+    the part of the model's output the target reads (:func:`pick`); ``num_classes`` is that part's width
+    when known in advance (class indices are also checked against it on the first call).
     """
     if callable(target) and not isinstance(target, Tensor):
-        return _checked(target, batch)
+        checked = _checked(target, batch)
+        return checked if output is None else (lambda out: checked(pick(out, output)))
     index, squeeze = classes(target, batch, num_classes)
+    checked_range = num_classes is not None
 
-    def score(output: Tensor) -> Tensor:
-        picked = _check_logits(output, "index").gather(1, index(output))
+    def score(out: Any) -> Tensor:
+        nonlocal checked_range
+        logits = _check_logits(pick(out, output), "index")
+        idx = index(logits)
+        if not checked_range and target is not None:
+            _check_range(idx, logits.shape[1])
+            checked_range = concrete(idx)
+        picked = logits.gather(1, idx)
         return picked.squeeze(1) if squeeze else picked
 
     return score
 
 
-def fixed(target: Target, output: Tensor, batch: int, num_classes: int | None) -> ScoreFn:
-    """:func:`scores` with ``None`` resolved once, to the top-1 class of ``output``.
+def fixed(target: Target, output: Any, batch: int, num_classes: int | None, selector: Output = None) -> ScoreFn:
+    """:func:`scores` with ``None`` resolved once, to the top-1 class of ``output`` (after ``selector``).
 
     Methods that score perturbed or noisy copies of ``x`` use it, so every copy explains the clean
     input's class rather than its own top-1.
     """
     if target is None:
-        target = classes(None, batch, num_classes)[0](output).squeeze(1)
-    return scores(target, batch, num_classes)
+        target = classes(None, batch, num_classes)[0](pick(output, selector)).squeeze(1)
+    return scores(target, batch, num_classes, selector)
 
 
 def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:

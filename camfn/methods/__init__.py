@@ -1,5 +1,5 @@
 """Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`,
-:mod:`~camfn.methods.perturbation`."""
+:mod:`~camfn.methods.perturbation`, :mod:`~camfn.methods.guided`."""
 
 from .activation import cam, eigencam
 from .gradient import (
@@ -12,6 +12,7 @@ from .gradient import (
     smooth_gradcampp,
     xgradcam,
 )
+from .guided import guided_backprop, guided_gradcam
 from .perturbation import ablationcam, iscam, scorecam, sscam
 
 __all__ = [
@@ -22,6 +23,8 @@ __all__ = [
     "gradcam",
     "gradcam_elementwise",
     "gradcampp",
+    "guided_backprop",
+    "guided_gradcam",
     "hirescam",
     "iscam",
     "layercam",

@@ -48,7 +48,17 @@ def _passes_through(traced: Traced, node: fx.Node) -> bool:
 
 
 def _classifier(traced: Traced, layer: str) -> str:
-    """Module path of the final ``nn.Linear``, checking only pooling/flatten stand between it and ``layer``."""
+    """Module path of the final ``nn.Linear``, checking only pooling/flatten stand between it and ``layer``.
+
+    Cached on ``traced`` (a compiled call only reads the cache: dynamo cannot walk an fx graph).
+    """
+    key = ("classifier", layer)
+    if key not in traced.engines:
+        traced.engines[key] = _find_classifier(traced, layer)  # type: ignore[assignment]
+    return traced.engines[key]  # type: ignore[return-value]
+
+
+def _find_classifier(traced: Traced, layer: str) -> str:
     output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
     node = output if isinstance(output, fx.Node) else None
     while node is not None and node.op == "call_module" and _passes_through(traced, node):

@@ -26,7 +26,7 @@ from ..graph import Layer, engine
 from ..noise import Seed, gaussian
 from ..smoothing import smoothable
 from ..targets import Target, fixed
-from .core import Maps, Options, _options, explain, finalize, num_classes, prepare, reduce
+from .core import Maps, Options, _options, explain, finalize, num_classes, per_target, prepare, reduce, to_maps
 
 __all__ = [
     "eigengradcam",
@@ -256,7 +256,7 @@ def smooth_gradcampp(
     traced, nodes, single = prepare(model, x, layer, opts)
     eng = engine(traced, nodes)
     output, acts = activations(eng, params, x)
-    score = fixed(target, output, x.shape[0], num_classes(traced, x))
+    score = fixed(target, output, x.shape[0], num_classes(traced, x, opts["output"]), opts["output"])
     squeeze = score(output).ndim == 1
     noise = gaussian((n, *x.shape[1:]), std, seed, dtype=x.dtype, device=x.device)
 
@@ -268,8 +268,9 @@ def smooth_gradcampp(
         return tuple(m.sum(0) for m in vmap(one)(noise.index_select(0, idx)))
 
     sums = chunked(moments, n, chunk_size, device=x.device, combine="sum", progress=progress, desc="smooth_gradcampp")
+    fns = [to_maps(traced, model, node, x, opts) for node in nodes]  # the layout option (identity by default)
     raw = [
-        reduce(_plusplus(a.unsqueeze(1), *(m / n).unbind(0)), opts["eigen_smooth"])
-        for a, m in zip(acts, sums, strict=True)
+        reduce(_plusplus(fn(a).unsqueeze(1), *(per_target(fn, d) for d in (m / n).unbind(0))), opts["eigen_smooth"])
+        for fn, a, m in zip(fns, acts, sums, strict=True)
     ]
     return finalize(raw, x, opts, squeeze, single)
