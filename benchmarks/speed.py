@@ -1,14 +1,26 @@
-"""Speed of camfn's Grad-CAM against grad-cam, torchcam and the plain forward pass (CPU or CUDA).
+"""Speed of camfn against grad-cam, torchcam and the plain forward pass (CPU or CUDA).
 
-Run from the repository root, either way::
+Two benchmarks, run from the repository root.
 
-    python -m benchmarks.speed                 # resnet50, batch 8, 224 px, 5 repeats (3-6 minutes on 2 cores)
-    python benchmarks/speed.py --quick         # resnet18, batch 2, 112 px, 2 repeats (well under a minute)
-    python -m benchmarks.speed --markdown      # tables as markdown, for the README
-    python -m benchmarks.speed --profile       # also: where camfn's time goes (cProfile + torch.profiler)
-    python -m benchmarks.speed --threads 1     # one thread: CPU times unaffected by other processes
+**The race** (default): every camfn method that grad-cam or torchcam also has, timed in one process against
+them, per model and batch size, with peak memory (implemented in ``benchmarks/race.py``; ``--markdown``
+writes ``benchmarks/results/speed.md``)::
 
-What is timed, all in one process, on one random-weight torchvision model in eval mode:
+    python -m benchmarks.speed --quick --markdown   # resnet18, batch 1, 112 px, gradient methods + cam +
+                                                    # scorecam at layer3 (2-3 minutes on 2 cores)
+    python -m benchmarks.speed --markdown           # resnet18 and resnet50, batches 1 and 8, 224 px, all
+                                                    # methods (40-60 minutes on 2 cores, see --help)
+
+**The Grad-CAM detail** (``--gradcam-detail``): camfn.gradcam alone against the references, the plain forward
+pass and many targets per image, with paired ratios and an optional profile::
+
+    python -m benchmarks.speed --gradcam-detail              # resnet50, batch 8, 224 px, 5 repeats (3-6 min)
+    python benchmarks/speed.py --gradcam-detail --quick      # resnet18, batch 2, 112 px, 2 repeats (< 1 min)
+    python -m benchmarks.speed --gradcam-detail --markdown   # tables as markdown, for the README
+    python -m benchmarks.speed --gradcam-detail --profile    # also: where camfn's time goes
+    python -m benchmarks.speed --gradcam-detail --threads 1  # one thread: CPU times robust to other processes
+
+What the Grad-CAM detail times, all in one process, on one random-weight torchvision model in eval mode:
 
 1. one target per image: ``camfn.gradcam(model, params, x, layer, target)`` with a ``(B,)`` class tensor,
    grad-cam ``GradCAM(model, [layer[-1]])(x, targets)`` and torchcam ``GradCAM(model, layer)`` (forward with
@@ -34,13 +46,16 @@ returns maps at the layer's resolution.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # grad-cam's progress bars; read when tqdm is first imported
+
 import argparse
 import contextlib
 import copy
 import cProfile
 import importlib.metadata
 import io
-import os
 import platform
 import pstats
 import statistics
@@ -68,8 +83,8 @@ BUSY = 0.6  # below this share of (threads x wall time) the CPUs were shared wit
 # ------------------------------------------------------------------------------------------ options
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.speed",
-        description=__doc__.split("\n\n")[0],
+        prog="python -m benchmarks.speed --gradcam-detail",
+        description="camfn.gradcam against grad-cam, torchcam, the plain forward pass and T targets per image.",
     )
     parser.add_argument("--model", default=None, help="torchvision model name [resnet50; --quick: resnet18]")
     parser.add_argument("--layer", default="layer4", help="layer (module path) to explain [layer4]")
@@ -434,7 +449,8 @@ def profile(state: tuple, args: argparse.Namespace) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> None:
+def detail(argv: list[str] | None = None) -> None:
+    """The Grad-CAM detail: camfn.gradcam against the references, the forward floor and T targets."""
     args = parse(argv)
     device = torch.device(args.device)
     if args.threads is not None:
@@ -491,6 +507,17 @@ def main(argv: list[str] | None = None) -> None:
         ("- " if args.markdown else "")
         + f"load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s"
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``--gradcam-detail``: the Grad-CAM detail; otherwise the race of all methods (``benchmarks.race``)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--gradcam-detail" in argv:
+        detail([a for a in argv if a != "--gradcam-detail"])
+        return
+    from benchmarks.race import race  # imported late: it imports this module's helpers
+
+    race(argv)
 
 
 if __name__ == "__main__":
