@@ -13,11 +13,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["Seed", "gaussian", "generator"]
+from .errors import OptionError
+
+__all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned"]
 
 Seed = int | torch.Generator
 
@@ -41,8 +44,70 @@ def gaussian(
 ) -> torch.Tensor:
     """``N(0, std^2)`` noise of ``shape``, drawn on the CPU from ``seed`` and moved to ``device``.
 
-    Drawn on the CPU so that the numbers do not depend on the device.
+    Drawn on the CPU so that the numbers do not depend on the device. Inside ``torch.compile`` the draw
+    made eagerly under :func:`pinned` is replayed (see there).
     """
-    with torch._C._DisableFuncTorch():
-        draw = torch.randn(tuple(shape), generator=generator(seed), dtype=torch.float32)
-    return (draw * std).to(dtype=dtype, device=device)
+    return next(gaussians(shape, std, seed, 1, dtype=dtype, device=device))
+
+
+def gaussians(
+    shape: Sequence[int],
+    std: float,
+    seed: Seed,
+    n: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> Iterator[torch.Tensor]:
+    """``n`` successive ``N(0, std^2)`` draws of ``shape`` from one generator for ``seed``, one at a time.
+
+    Example:
+        >>> from camfn.noise import gaussian, gaussians
+        >>> first, second = gaussians((3,), 1.0, seed=5, n=2)
+        >>> bool((first == gaussian((3,), 1.0, seed=5)).all()), bool((first == second).all())
+        (True, False)
+    """
+    if torch.compiler.is_compiling():
+        for i in range(n):
+            yield _replay((tuple(shape), std, seed, i, dtype, str(device)))
+        return
+    g = generator(seed)
+    for i in range(n):
+        with torch._C._DisableFuncTorch():
+            draw = torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+        out = (draw * std).to(dtype=dtype, device=device)
+        if _PINNED is not None and not isinstance(seed, torch.Generator):
+            _PINNED[(tuple(shape), std, seed, i, dtype, str(device))] = out
+        yield out
+
+
+# ------------------------------------------------------------------------------ noise under compile
+_PINNED: dict[tuple, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def pinned(store: dict[tuple, torch.Tensor]) -> Iterator[dict[tuple, torch.Tensor]]:
+    """Record eager draws made with an int seed into ``store``, and replay them inside ``torch.compile``.
+
+    A compiled region cannot create a ``torch.Generator``. :func:`camfn.compiled` therefore runs the
+    method once eagerly under ``pinned(store)`` (recording every draw) and calls the compiled function
+    under the same ``pinned(store)``, where each draw is read back as a constant: the compiled map
+    equals the eager one. The noise tensors stay alive as long as ``store``.
+    """
+    global _PINNED
+    previous, _PINNED = _PINNED, store
+    try:
+        yield store
+    finally:
+        _PINNED = previous
+
+
+def _replay(key: tuple) -> torch.Tensor:
+    if isinstance(key[2], torch.Generator):
+        raise OptionError("inside torch.compile, noise needs an int seed (a torch.Generator cannot be replayed)")
+    if _PINNED is None or key not in _PINNED:
+        raise OptionError(
+            "a noisy method ran inside torch.compile without its noise drawn first; compile it with "
+            "camfn.compiled(method, model, layer, ...), which draws the noise eagerly once per input shape"
+        )
+    return _PINNED[key]
