@@ -12,10 +12,13 @@ Example:
     (torch.Size([2, 64, 64]), True)
 """
 
-from . import errors, forward, graph, noise, postprocess, smoothing, targets
+from . import errors, forward, graph, layout, metrics, noise, postprocess, shapes, smoothing, targets, viz
+from .checkpoints import maps_over_params, stack_params
+from .compiled import Compiled, compiled, graph_breaks
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
+from .evaluation import evaluate
 from .forward import params
-from .graph import LayerInfo, default_layer, layers
+from .graph import Cut, LayerInfo, default_layer, layers
 from .methods import (
     ablationcam,
     cam,
@@ -24,6 +27,8 @@ from .methods import (
     gradcam,
     gradcam_elementwise,
     gradcampp,
+    guided_backprop,
+    guided_gradcam,
     hirescam,
     iscam,
     layercam,
@@ -57,6 +62,8 @@ METHODS = {
 __all__ = [
     "METHODS",
     "CamfnError",
+    "Compiled",
+    "Cut",
     "HookError",
     "InputError",
     "LayerError",
@@ -67,27 +74,38 @@ __all__ = [
     "TraceError",
     "ablationcam",
     "cam",
+    "compiled",
     "default_layer",
     "eigencam",
     "eigengradcam",
     "errors",
+    "evaluate",
     "forward",
     "fuse",
     "gradcam",
     "gradcam_elementwise",
     "gradcampp",
     "graph",
+    "graph_breaks",
+    "guided_backprop",
+    "guided_gradcam",
     "hirescam",
     "iscam",
     "layercam",
     "layers",
+    "layout",
+    "maps_over_params",
+    "metrics",
     "noise",
     "params",
     "postprocess",
     "scorecam",
+    "shapes",
     "smooth_gradcampp",
     "smoothing",
     "sscam",
+    "stack_params",
     "targets",
+    "viz",
     "xgradcam",
 ]

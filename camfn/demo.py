@@ -1,7 +1,7 @@
-"""``make demo``: every method on a torchvision resnet18 and a synthetic image, printed as a table.
+"""``python -m camfn.demo``: every method on a torchvision resnet18 and a synthetic image, printed as a table.
 
 Runs offline: the model has seeded random weights (no downloads) and the image is drawn here. The picture
-demo (overlay PNGs on the shipped trained model) comes with the command line.
+demo (``make demo``: overlay PNGs on the shipped trained model) is ``camfn explain`` (see :mod:`camfn.cli`).
 
 Run: ``python -m camfn.demo``.
 """

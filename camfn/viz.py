@@ -1,0 +1,288 @@
+r"""Pictures of maps: colormaps, overlays on images, and grids of methods x images.
+
+No OpenCV and no matplotlib: colormaps are small tables (or a closed form) evaluated with torch, images are
+tensors or PIL images, text is drawn with PIL's default font. An overlay is the convex blend
+
+.. math:: O = (1 - \alpha)\, I + \alpha\, \mathrm{cmap}(L)
+
+of the image ``I`` (``(3, H, W)`` in ``[0, 1]``) and the colored map ``L`` (resized to the image, bilinear).
+
+Colormaps (``t`` in ``[0, 1]``):
+
+* ``jet``: the MATLAB / OpenCV closed form ``(r, g, b) = clip(1.5 - |4t - (3, 2, 1)|, 0, 1)``
+  (dark blue -> cyan -> yellow -> dark red);
+* ``viridis`` and ``turbo``: linear interpolation between 17 evenly spaced 8-bit colors of the published
+  maps (within 0.03 of matplotlib's 256-entry tables).
+
+Example:
+    >>> import torch
+    >>> from camfn import viz
+    >>> image = torch.zeros(3, 8, 12)
+    >>> m = torch.linspace(0, 1, 12).expand(8, 12)
+    >>> pic = viz.overlay(image, m, cmap="jet", alpha=1.0, scale=2)
+    >>> pic.size, pic.getpixel((0, 0)), pic.getpixel((23, 0))
+    ((24, 16), (0, 0, 128), (128, 0, 0))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+from .errors import InputError, OptionError, nearest
+
+__all__ = ["COLORMAPS", "WRAP", "as_image", "blend", "colorize", "grid", "overlay", "to_pil", "upscale"]
+
+ImageLike = Tensor | Image.Image
+
+_VIRIDIS = (
+    0x440154, 0x48186A, 0x472D7B, 0x424086, 0x3B528B, 0x33638D, 0x2C728E, 0x26828E, 0x21918C,
+    0x1FA088, 0x28AE80, 0x3FBC73, 0x5EC962, 0x84D44B, 0xADDC30, 0xD8E219, 0xFDE725,
+)  # fmt: skip
+_TURBO = (
+    0x30123B, 0x4040A2, 0x466BE3, 0x4294FF, 0x28BCEB, 0x18DDC2, 0x32F298, 0x6DFE62, 0xA4FC3C,
+    0xCDEC34, 0xEECF3A, 0xFDAC34, 0xFB7E21, 0xEB500E, 0xD02F05, 0xA91601, 0x7A0403,
+)  # fmt: skip
+COLORMAPS = ("jet", "turbo", "viridis")
+"""Colormap names :func:`colorize` accepts."""
+
+
+def _table(colors: Sequence[int]) -> Tensor:
+    return torch.tensor([[(c >> s) & 0xFF for s in (16, 8, 0)] for c in colors], dtype=torch.float32) / 255
+
+
+def _interpolate(table: Tensor, t: Tensor) -> Tensor:
+    """Piecewise-linear lookup of ``t`` in ``[0, 1]`` between the rows of ``table`` ``(N, 3)``: ``(..., 3)``."""
+    pos = t * (table.shape[0] - 1)
+    low = pos.floor().clamp(0, table.shape[0] - 2).long()
+    frac = (pos - low).unsqueeze(-1)
+    table = table.to(t.device)
+    return table[low] * (1 - frac) + table[low + 1] * frac
+
+
+def colorize(maps: Tensor, cmap: str = "jet") -> Tensor:
+    """Color maps ``(..., H, W)`` with values in ``[0, 1]`` (clipped): ``(..., 3, H, W)`` RGB in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from camfn.viz import colorize
+        >>> colorize(torch.tensor([[0.0, 0.5, 1.0]]), "jet")[:, 0].T  # one (r, g, b) row per value
+        tensor([[0.0000, 0.0000, 0.5000],
+                [0.5000, 1.0000, 0.5000],
+                [0.5000, 0.0000, 0.0000]])
+    """
+    if cmap not in COLORMAPS:
+        hint = nearest(cmap, COLORMAPS, n=1)
+        raise OptionError(
+            f"unknown colormap {cmap!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Use one of {COLORMAPS}"
+        )
+    t = maps.detach().float().clamp(0, 1)
+    if cmap == "jet":
+        rgb = (1.5 - (4 * t.unsqueeze(-1) - torch.tensor([3.0, 2.0, 1.0], device=t.device)).abs()).clamp(0, 1)
+    else:
+        rgb = _interpolate(_table(_VIRIDIS if cmap == "viridis" else _TURBO), t)
+    return rgb.movedim(-1, -3)
+
+
+def as_image(image: ImageLike) -> Tensor:
+    """An image as a ``(3, H, W)`` float tensor in ``[0, 1]``.
+
+    Accepts a PIL image (any mode), or a tensor ``(H, W)``, ``(1 or 3, H, W)`` or ``(1, 1 or 3, H, W)``:
+    integer tensors are divided by 255; float tensors already in ``[0, 1]`` are kept, others (a normalised
+    network input) are min-max rescaled for display. Gray images are repeated to 3 channels.
+
+    Example:
+        >>> import torch
+        >>> from camfn.viz import as_image
+        >>> as_image(torch.tensor([[-1.0, 1.0]])).tolist()
+        [[[0.0, 1.0]], [[0.0, 1.0]], [[0.0, 1.0]]]
+    """
+    if isinstance(image, Image.Image):
+        rgb = image.convert("RGB")
+        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
+    if not isinstance(image, Tensor):
+        raise InputError(f"image must be a PIL image or a torch tensor, got {type(image).__name__}")
+    x = image.detach().cpu()
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise InputError(
+            f"image tensor of shape {tuple(image.shape)}: expected (H, W), (C, H, W) or (1, C, H, W) with C = 1 or 3"
+        )
+    if not x.is_floating_point():
+        x = x.float() / 255
+    elif x.numel() and (x.min() < 0 or x.max() > 1):
+        low, high = x.min(), x.max()
+        x = (x - low) / (high - low) if high > low else torch.zeros_like(x)
+    return x.float().expand(3, -1, -1).clone()
+
+
+def upscale(image: Tensor, scale: int) -> Tensor:
+    """Resize ``(C, H, W)`` by an integer ``scale`` (bilinear, ``align_corners=False``); ``scale=1`` is a no-op."""
+    if not isinstance(scale, int) or scale < 1:
+        raise OptionError(f"scale={scale!r}: use a whole number >= 1")
+    if scale == 1:
+        return image
+    return F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False)[0].clamp(0, 1)
+
+
+def _map2d(m: Tensor) -> Tensor:
+    m = m.detach().float().cpu()
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 2:
+        raise InputError(f"map of shape {tuple(m.shape)}: expected one (H, W) map (or (1, H, W))")
+    return m
+
+
+def blend(image: ImageLike, m: Tensor, cmap: str = "jet", alpha: float = 0.5) -> Tensor:
+    """``(1 - alpha) * image + alpha * cmap(m)`` as ``(3, H, W)`` in ``[0, 1]``; ``m`` resized to the image.
+
+    Example:
+        >>> import torch
+        >>> from camfn.viz import blend
+        >>> blend(torch.ones(3, 2, 2), torch.zeros(2, 2), alpha=0.5)[:, 0, 0]
+        tensor([0.5000, 0.5000, 0.7500])
+    """
+    if not 0 <= alpha <= 1:
+        raise OptionError(f"alpha={alpha!r}: use a number between 0 (image only) and 1 (map only)")
+    picture = as_image(image)
+    m = _map2d(m)
+    if tuple(m.shape) != tuple(picture.shape[1:]):
+        m = F.interpolate(m[None, None], size=picture.shape[1:], mode="bilinear", align_corners=False)[0, 0]
+    return ((1 - alpha) * picture + alpha * colorize(m, cmap)).clamp(0, 1)
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """A ``(3, H, W)`` (or ``(H, W)``) tensor in ``[0, 1]`` as an 8-bit PIL image (RGB or L)."""
+    x = (image.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    if x.ndim == 2:
+        return Image.fromarray(x.numpy(), mode="L")
+    return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+
+
+def overlay(image: ImageLike, m: Tensor, cmap: str = "jet", alpha: float = 0.5, scale: int = 1) -> Image.Image:
+    """The map ``m`` ``(H', W')`` over ``image``, as a PIL image ``scale`` times the image's size.
+
+    The blend is computed at the image's own size (``m`` resized to it), then upscaled: ``scale=1`` gives
+    a picture exactly the image's size, ``scale=4`` makes a 64-pixel image viewable.
+    """
+    return to_pil(upscale(blend(image, m, cmap, alpha), scale))
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> int:
+    box = draw.textbbox((0, 0), text, font=font)
+    return int(box[2] - box[0])
+
+
+WRAP = 5
+"""Columns a single-image :func:`grid` wraps to by default."""
+
+
+def _lines(count: int, columns: int | None, images: int) -> int:
+    """Cells per line of a grid row: ``columns``, or by default :data:`WRAP` for one image, all for several."""
+    if columns is None:
+        return min(count, WRAP) if images == 1 else count
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1:
+        raise OptionError(f"columns={columns!r}: use a whole number >= 1 of cells per line, or None for the default")
+    return min(count, columns)
+
+
+def grid(
+    images: Sequence[ImageLike],
+    maps: Mapping[str, Tensor | Sequence[Tensor]],
+    *,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    cell: int = 128,
+    row_titles: Sequence[str] | None = None,
+    show_image: bool = True,
+    pad: int = 4,
+    columns: int | None = None,
+) -> Image.Image:
+    """A grid picture: one row per image, one column per method (titled), each cell an overlay.
+
+    A row with more cells than ``columns`` wraps onto several lines, each with its own titles.
+
+    Args:
+        images: the ``N`` images (tensors or PIL images; sizes may differ).
+        maps: method name -> ``N`` maps (a ``(N, H, W)`` tensor or a list of ``(H, W)`` maps).
+        cmap, alpha: as in :func:`overlay`.
+        cell: every cell is scaled (by a whole factor, at least 1) so its longer side reaches ``cell`` pixels.
+        row_titles: optional text drawn above each row (e.g. file name and target class).
+        show_image: put the plain image in a first column titled "image".
+        pad: pixels between cells.
+        columns: cells per line; ``None``: at most :data:`WRAP` (5) for a single image, one line per image
+            for several (so methods stay aligned in columns).
+
+    Example:
+        >>> import torch
+        >>> from camfn.viz import grid
+        >>> maps = {"a": torch.rand(2, 16, 16), "b": torch.rand(2, 16, 16)}
+        >>> grid([torch.rand(3, 16, 16), torch.rand(3, 16, 16)], maps, cell=32).size
+        (112, 90)
+        >>> many = {f"m{k}": torch.rand(1, 16, 16) for k in range(7)}  # 8 cells: 5 on the first line, 3 below
+        >>> grid([torch.rand(3, 16, 16)], many, cell=32).size
+        (184, 108)
+    """
+    images = list(images)
+    if not images or not maps:
+        raise InputError("grid needs at least one image and one map")
+    for name, per in maps.items():
+        if len(per) != len(images):
+            raise InputError(f"maps[{name!r}] holds {len(per)} maps for {len(images)} images; give one per image")
+    pictures = [as_image(im) for im in images]
+    names = (["image"] if show_image else []) + list(maps)
+    per_line = _lines(len(names), columns, len(images))
+    wrapped = per_line < len(names)
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = int(probe.textbbox((0, 0), "Ag", font=font)[3]) + 2
+    scales = [max(1, math.ceil(cell / max(p.shape[1:]))) for p in pictures]
+    cell_w = max(p.shape[2] * s for p, s in zip(pictures, scales, strict=True))
+    cell_w = max(cell_w, *(_text_width(probe, c, font) + 2 for c in names))
+    heights = [p.shape[1] * s for p, s in zip(pictures, scales, strict=True)]
+    title_h = line if row_titles else 0
+    chunks = [names[k : k + per_line] for k in range(0, len(names), per_line)]
+    header_h = line + pad  # a line of column titles
+    band = [title_h + len(chunks) * (h + pad + (header_h if wrapped else 0)) for h in heights]
+    width = pad + per_line * (cell_w + pad)
+    height = (0 if wrapped else header_h) + sum(band)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+
+    def titles(chunk: Sequence[str], y: int) -> None:
+        for j, name in enumerate(chunk):
+            x0 = pad + j * (cell_w + pad)
+            draw.text((x0 + (cell_w - _text_width(draw, name, font)) // 2, y + 1), name, fill="black", font=font)
+
+    y = 0
+    if not wrapped:
+        titles(names, y)
+        y += header_h
+    for i, (picture, s) in enumerate(zip(pictures, scales, strict=True)):
+        if row_titles:
+            draw.text((pad, y), str(row_titles[i]), fill="black", font=font)
+            y += title_h
+        tiles = [to_pil(upscale(picture, s))] if show_image else []
+        tiles += [overlay(picture, per[i], cmap, alpha, s) for per in maps.values()]
+        for k, chunk in enumerate(chunks):
+            if wrapped:
+                titles(chunk, y)
+                y += header_h
+            for j, tile in enumerate(tiles[k * per_line : k * per_line + len(chunk)]):
+                canvas.paste(tile, (pad + j * (cell_w + pad) + (cell_w - tile.width) // 2, y))
+            y += heights[i] + pad
+    return canvas

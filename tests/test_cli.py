@@ -1,0 +1,328 @@
+"""The ``camfn`` command line: pictures it writes, listings, and every bad-input case's exit code and message.
+
+Most runs call :func:`camfn.cli.main` in-process on a tiny exported model (``GapNet`` saved with
+``torch.export``); two true subprocess runs cover ``python -m camfn`` / the ``camfn`` script on the shipped
+shapes model and demo image (``make demo``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import urllib.error
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import GapNet
+from PIL import Image
+
+import camfn
+from camfn import cli, shapes, viz
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = (ROOT / "camfn" / "assets" / "shapes.pt").is_file()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny exported model, a TorchScript file, a state dict, an image, a non-image and a plain file."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = GapNet(classes=5).eval()
+    batch = {"x": {0: torch.export.Dim("batch", max=4096)}}  # example batch 2: a batch of 1 would specialise
+    torch.export.save(torch.export.export(model, (torch.randn(2, 3, 32, 32),), dynamic_shapes=batch), root / "tiny.pt2")
+    torch.export.save(torch.export.export(model, (torch.randn(1, 3, 32, 32),)), root / "static.pt2")
+    with warnings.catch_warnings():  # torch.jit is deprecated: exactly why the CLI refuses it
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.trace(model, torch.randn(1, 3, 32, 32)), root / "tiny_script.pt")
+    torch.save(model.state_dict(), root / "tiny_state.pt")
+    torch.save({"fc.weight": torch.zeros(3, 3)}, root / "wrong_state.pt")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((24, 40, 3)) * 255).astype(np.uint8)).save(root / "photo.png")
+    (root / "broken.png").write_bytes(b"this is not a PNG")
+    (root / "afile").write_text("x")
+    return {p.stem if p.name != "tiny.pt2" else "pt2": p for p in root.iterdir()}
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = cli.main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_follows_map(png: Path, npy: Path, image: np.ndarray) -> None:
+    """The overlay is the image plus the jet-coloured map (alpha 0.5), so it differs where the map is high.
+
+    ``image`` (``(H, W, 3)`` in ``[0, 1]``) is the picture under the overlay. Checks (1) the colour left after
+    removing half the image is jet(map) (to 8-bit rounding), and (2) red - blue is at least 0.45 higher where
+    the map exceeds 0.8 than where it is below 0.1 (jet: R - B >= 0.5 above 0.8, <= -0.5 below 0.1, halved).
+    """
+    picture = Image.open(png)
+    m = torch.from_numpy(np.load(npy))
+    if tuple(m.shape) != (picture.height, picture.width):  # the map is at the network's input size
+        size = (picture.height, picture.width)
+        m = torch.nn.functional.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.float64) / 255
+    colour = (rgb - 0.5 * image) / 0.5
+    expected = viz.colorize(m, "jet").permute(1, 2, 0).numpy()
+    assert np.abs(colour - expected).max() < 4 / 255
+    m = m.numpy()
+    high, low = m > 0.8, m < 0.1
+    assert high.any()
+    assert low.any()
+    shift = rgb[..., 0] - rgb[..., 2] - (image[..., 0] - image[..., 2]) / 2
+    assert shift[high].mean() > shift[low].mean() + 0.45
+
+
+# ------------------------------------------------------------------------------------------ pictures
+def test_overlay_has_the_image_size_and_follows_the_map(files, tmp_path, capsys):
+    code, out, err = run(
+        [
+            "explain",
+            str(files["photo"]),
+            "--model",
+            str(files["pt2"]),
+            "--out",
+            str(tmp_path),
+            "--npy",
+            "--target",
+            "2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    png, npy = tmp_path / "photo_gradcam.png", tmp_path / "photo_gradcam.npy"
+    assert f"wrote {png}" in out
+    assert Image.open(png).size == (40, 24)  # the image's size, not the network's 32 x 32 input
+    m = np.load(npy)
+    assert m.shape == (32, 32)
+    assert m.min() >= 0
+    assert m.max() == pytest.approx(1)
+    photo = np.asarray(Image.open(files["photo"]), dtype=np.float64) / 255
+    assert_follows_map(png, npy, photo)
+
+
+def test_scale_alpha_and_cmap(files, tmp_path, capsys):
+    base = ["explain", str(files["photo"]), "--model", str(files["pt2"]), "--out", str(tmp_path), "-q"]
+    assert run([*base, "--scale", "3", "--alpha", "0", "--cmap", "viridis"], capsys) == (0, "", "")
+    picture = np.asarray(Image.open(tmp_path / "photo_gradcam.png"))
+    assert picture.shape == (72, 120, 3)
+    photo = np.asarray(Image.open(files["photo"]).resize((120, 72), Image.BILINEAR))
+    assert np.abs(picture.astype(int) - photo.astype(int)).mean() < 25  # alpha 0: the (upscaled) image itself
+
+
+def test_method_all_writes_one_grid(files, tmp_path, capsys):
+    code, out, err = run(
+        ["explain", str(files["photo"]), str(files["photo"]), "--model", str(files["pt2"]), "--out", str(tmp_path)],
+        capsys,
+    )
+    assert code == 0
+    code, out, err = run(
+        [
+            "explain",
+            str(files["photo"]),
+            str(files["photo"]),
+            "--model",
+            str(files["pt2"]),
+            "--method",
+            "all",
+            "--out",
+            str(tmp_path / "all"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    written = sorted(p.name for p in (tmp_path / "all").iterdir())
+    assert written == ["methods.png"]  # one picture for every method and both images
+    # cam needs an nn.Linear after the layer; the exported graph has aten.linear: skipped with a note
+    assert "note: cam skipped: cam needs" in err
+    assert f"{len(camfn.METHODS) - 1} methods x 2 image(s)" in out
+    width, height = Image.open(tmp_path / "all" / "methods.png").size
+    # 40 x 24 images scaled 4x to reach 128 px cells; columns: the image and every method but cam; 4 px gaps
+    assert width == 4 + len(camfn.METHODS) * (160 + 4)
+    assert height > 2 * 96
+
+
+def test_layers_lists_names_and_shapes(capsys):
+    code, out, _ = run(["layers", "--model", "resnet18", "--size", "64"], capsys)
+    assert code == 0
+    assert "layer4.1.relu_1" in out
+    assert "(1, 512, 2, 2)  <- default" in out
+    assert "fc" in out.split("\n")[-2]
+
+
+def test_methods_lists_each_method_on_one_line(capsys):
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(camfn.METHODS)
+    assert "Grad-CAM (Selvaraju" in lines[0]
+
+
+def test_exported_model_layers(files, capsys):
+    code, out, _ = run(["layers", "--model", str(files["pt2"])], capsys)
+    assert code == 0
+    assert "input (1, 3, 32, 32)" in out
+    assert "<- default" in out
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown, hidden, quiet = Terminal(), io.StringIO(), Terminal()
+    for stream, enabled in ((shown, True), (hidden, True), (quiet, False)):
+        bar = cli.Progress(4, stream, enabled)
+        for label in "abcd":
+            bar.step(label)
+        bar.close()
+    assert "[##########..........] 2/4 c" in shown.getvalue()
+    assert hidden.getvalue() == quiet.getvalue() == ""
+
+
+# ------------------------------------------------------------------------------------------ bad input
+BAD = [
+    (["explain", "{missing}"], "image not found"),
+    (["explain", "{broken}"], "cannot read image"),
+    (["explain", "{dir}"], "is a folder"),
+    (["explain", "{photo}", "--model", "{pt2}", "--layer", "conv2d_defualt"], "Nearest names: conv2d_default"),
+    (["explain", "{photo}", "--method", "gradcamm"], "did you mean 'gradcam'"),
+    (["explain", "{photo}", "--method", ","], "--method is empty"),
+    (["explain", "{photo}", "--model", "resnet81"], "Nearest names: resnet18"),
+    (["explain", "{photo}", "--model", "{tiny_script}"], "TorchScript model, which torch.fx cannot trace"),
+    (["explain", "{photo}", "--model", "{tiny_state}"], "--weights"),
+    (["explain", "{photo}", "--model", "{missing}.pt2"], "model file not found"),
+    (["explain", "{photo}", "--model", "resnet18", "--weights", "{missing}"], "weights file not found"),
+    (["explain", "{photo}", "--model", "resnet18", "--weights", "{broken}"], "cannot read weights"),
+    (["explain", "{photo}", "--model", "resnet18", "--weights", "{wrong_state}"], "do not fit resnet18"),
+    (["explain", "{photo}", "--model", "resnet18", "--weights", "{tiny_state}", "--pretrained"], "not both"),
+    (["explain", "{photo}", "--model", "{pt2}", "--target", "7"], "the model has 5 classes"),
+    (["explain", "{photo}", "--model", "{pt2}", "--target", "-1"], "class indices start at 0"),
+    (["explain", "{photo}", "--model", "{pt2}", "--target", "dog"], "is not a class index"),
+    (["explain", "--target", "sqare"], "did you mean 'square'? Classes: circle, square, triangle, cross, ring"),
+    (["explain", "{photo}", "--model", "{static}", "--method", "scorecam"], "Export with a dynamic batch"),
+    (["explain", "{photo}", "--alpha", "1.5"], "--alpha 1.5"),
+    (["explain", "{photo}", "--scale", "0"], "--scale 0"),
+    (["explain", "{photo}", "--out", "{afile}"], "is a file"),
+    (["explain", "{photo}", "--device", "nonsense"], "is not a device"),
+    (["explain", "{photo}", "--size", "big"], "use a whole number"),
+    (["explain", "{photo}", "--mean", "a,b"], "one number or three"),
+    (["explain", "{photo}", "--cmap", "rainbow"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+    ([], "required"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD, ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_exits_2_with_a_message(args, message, files, tmp_path, capsys):
+    paths = {k: str(v) for k, v in files.items()} | {"missing": str(tmp_path / "nope.png"), "dir": str(tmp_path)}
+    args = [a.format(**paths) for a in args]
+    if "--out" not in args and args and args[0] == "explain":
+        args += ["--out", str(tmp_path / "out")]
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing half-written
+
+
+def test_cuda_without_a_device_exits_2(files, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code, _, err = run(["explain", str(files["photo"]), "--device", "cuda"], capsys)
+    assert code == 2
+    assert "no CUDA device is available here; use --device cpu" in err
+
+
+def test_failed_download_is_a_clear_message(monkeypatch, files, tmp_path, capsys):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    code, _, err = run(
+        ["explain", str(files["photo"]), "--model", "resnet18", "--pretrained", "--out", str(tmp_path)], capsys
+    )
+    assert code == 2
+    assert "could not download the pretrained weights of resnet18" in err
+    assert "--weights FILE" in err
+
+
+def test_unexpected_failure_exits_1(monkeypatch, files, tmp_path, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "_methods", lambda: {"gradcam": broken})
+    args = ["explain", str(files["photo"]), "--model", str(files["pt2"]), "--out", str(tmp_path)]
+    code, _, err = run(args, capsys)
+    assert code == 1
+    assert "unexpected failure: RuntimeError: boom" in err
+    assert "--debug" in err
+    with pytest.raises(RuntimeError, match="boom"):
+        cli.main(["--debug", *args])
+
+
+def test_weights_file_sets_the_number_of_classes(files, tmp_path, capsys):
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), tmp_path / "r18.pt")
+    loaded = cli.load_model("resnet18", tmp_path / "r18.pt")
+    assert loaded.module.fc.out_features == 3
+    assert loaded.note is None
+    assert zipfile.is_zipfile(files["tiny_script"])
+
+
+# ------------------------------------------------------------------------------------------ subprocess
+def _command() -> list[str]:
+    """``python -m camfn``; with the shipped weights not there yet, an untrained stand-in model."""
+    if SHIPPED:
+        return [sys.executable, "-m", "camfn"]
+    stand_in = (
+        "import sys, camfn.shapes as s; s.load = lambda: s.net().eval(); "
+        "from camfn.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    return [sys.executable, "-c", stand_in]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def test_demo_subprocess_writes_an_overlay_that_follows_the_map(tmp_path):
+    done = subprocess.run(
+        [*_command(), "explain", "--out", str(tmp_path), "--npy"], capture_output=True, text=True, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    (png,) = tmp_path.glob("*_gradcam.png")
+    (npy,) = tmp_path.glob("*_gradcam.npy")
+    assert f"wrote {png}" in done.stdout
+    x, _, _ = shapes.demo_image()
+    assert Image.open(png).size == (x.shape[3], x.shape[2])  # the demo image's size (64 x 64)
+    picture = (x[0] * shapes.STD + shapes.MEAN).clamp(0, 1).permute(1, 2, 0).numpy()
+    assert_follows_map(png, npy, picture)
+
+
+def test_make_demo_command_writes_the_method_grid(tmp_path):
+    script = shutil.which("camfn", path=str(Path(sys.executable).parent))
+    command = [script] if script and SHIPPED else _command()
+    done = subprocess.run(
+        [*command, "explain", "--method", "all", "--out", str(tmp_path), "-q"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    (grid,) = tmp_path.glob("*_methods.png")
+    lines = -(-(len(camfn.METHODS) + 1) // viz.WRAP)  # one image: the cells wrap onto lines of viz.WRAP
+    width, height = Image.open(grid).size
+    assert width > 128 * viz.WRAP and height > 128 * lines  # 64 px cells upscaled to 128 px
