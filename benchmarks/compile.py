@@ -16,13 +16,18 @@ maps are checked against the eager ones (max abs difference). Random weights, ev
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 
 import torch
 import torchvision
 
 import camfn
+from benchmarks.speed import cpu_model, revision
+
+RESULTS = "benchmarks/results/compile.md"
 
 
 def _timed(fn) -> tuple[float, object]:
@@ -65,26 +70,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--markdown",
+        nargs="?",
+        const=RESULTS,
+        default=None,
+        metavar="PATH",
+        help=f"also write the table to PATH [{RESULTS}]",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.batch, args.size, args.repeats = ["resnet18"], 2, 112, 3
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {args.backend}, "
-        f"batch {args.batch}, {args.size} px, {args.repeats} repeats"
-    )
-    print("| model | method | compile (s) | eager (s) | compiled (s) | eager/compiled (paired) | max diff |")
-    print("|---|---|---|---|---|---|---|")
+    lines = [
+        f"- command: `python -m benchmarks.compile {shlex.join(sys.argv[1:] if argv is None else argv)}`",
+        f"- torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu_model()}, camfn at {revision()}",
+        f"- backend {args.backend}, batch {args.batch}, {args.size} px, {args.repeats} repeats, layer4, random weights",
+        "",
+        "| model | method | compile (s) | eager (s) | compiled (s) | eager/compiled (paired) | max diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
     for model_name in args.models:
         for method_name in args.methods:
             r = bench(model_name, method_name, args.batch, args.size, args.repeats, args.backend)
-            print(
+            lines.append(
                 f"| {r['model']} | {r['method']} | {r['compile_s']:.0f} | {r['eager_s']:.3f} | "
                 f"{r['compiled_s']:.3f} | {r['eager_s'] / r['compiled_s']:.2f}x ({r['paired']:.2f}x) | "
-                f"{r['max_diff']:.1e} |",
-                flush=True,
+                f"{r['max_diff']:.1e} |"
             )
+            print(lines[-1], flush=True)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks.speed import cpu_model, fmt, loadavg, revision, table
+from benchmarks.speed import cpu_model, fmt, loadavg, report_options, revision, table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join("benchmarks", "results", "scaling.md")
@@ -93,16 +93,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--slow-repeats", type=int, default=None, help="timed scorecam/ablationcam calls [2; --quick: 1]"
     )
     parser.add_argument("--quick", action="store_true", help="smaller base point and grid (1-3 minutes)")
-    parser.add_argument(
-        "--markdown",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help=f"also write the report to PATH [{RESULTS}; --quick: {RESULTS_QUICK}]",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads [torch's default]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and classes [0]")
+    report_options(parser, RESULTS, RESULTS_QUICK)
     args = parser.parse_args(argv)
     quick = {"size": 64, "batches": [1, 2, 4], "sizes": [64, 112], "slow_repeats": 1}
     full = {"size": 112, "batches": [1, 2, 4, 8], "sizes": [64, 112, 224], "slow_repeats": 2}

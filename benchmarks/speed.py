@@ -181,20 +181,26 @@ def header(args: argparse.Namespace) -> list[str]:
     return lines
 
 
-# ------------------------------------------------------------------------------------------ timing
-@dataclass
-class Case:
-    """One timed thing. ``group`` is "1" (one target per image), "T" (many) or "floor"."""
+def report_options(parser: argparse.ArgumentParser, results: str, results_quick: str) -> None:
+    """``--markdown [PATH]``, ``--threads`` and ``--seed``, as the race and the scaling benchmark take them."""
+    parser.add_argument(
+        "--markdown",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help=f"also write the report to PATH [{results}; --quick: {results_quick}]",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads [torch's default]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and classes [0]")
 
-    name: str
-    group: str
-    fn: Callable[[], object]
-    note: str = ""
-    warm: bool = True  # call once untimed before the repeats (False: the code path is already warm)
-    slow: bool = False  # timed only in the first --slow-repeats rounds
-    first: float | None = None
-    times: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)  # process CPU seconds per call (all threads)
+
+# ------------------------------------------------------------------------------------------ timing
+class Timings:
+    """Summaries of ``times`` (wall seconds per call) and ``cpu`` (process CPU seconds per call)."""
+
+    times: list[float]
+    cpu: list[float]
 
     @property
     def median(self) -> float:
@@ -207,6 +213,21 @@ class Case:
     @property
     def cpu_median(self) -> float:
         return statistics.median(self.cpu)
+
+
+@dataclass
+class Case(Timings):
+    """One timed thing. ``group`` is "1" (one target per image), "T" (many) or "floor"."""
+
+    name: str
+    group: str
+    fn: Callable[[], object]
+    note: str = ""
+    warm: bool = True  # call once untimed before the repeats (False: the code path is already warm)
+    slow: bool = False  # timed only in the first --slow-repeats rounds
+    first: float | None = None
+    times: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # process CPU seconds per call (all threads)
 
 
 def sync(device: torch.device) -> None:

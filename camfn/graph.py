@@ -349,6 +349,11 @@ def trace(
     qualname = _module_paths(
         {n: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
     )
+    return _store(model, key, module, qualname)
+
+
+def _store(model: nn.Module, key: tuple, module: fx.GraphModule, qualname: dict[str, str]) -> Traced:
+    """Cache and return the trace of ``model`` under ``key``."""
     state_keys = frozenset(k for k, _ in model.named_parameters(remove_duplicate=False)) | frozenset(
         k for k, _ in model.named_buffers(remove_duplicate=False)
     )
@@ -867,10 +872,4 @@ def trace_export(model: nn.Module, x: torch.Tensor, *, hooks: HookPolicy = "erro
     graph.eliminate_dead_code()
     module = fx.GraphModule(unlifted, graph, type(model).__name__)
     qualname = _export_names(module, model)
-    state_keys = frozenset(k for k, _ in model.named_parameters(remove_duplicate=False)) | frozenset(
-        k for k, _ in model.named_buffers(remove_duplicate=False)
-    )
-    traced = Traced(module=module, qualname=qualname, state_keys=state_keys)
-    with _cache_lock():
-        _CACHE.setdefault(model, {})[key] = traced
-    return traced
+    return _store(model, key, module, qualname)

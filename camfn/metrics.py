@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checkpoints import maps_over_params
 from .checks import check_input, check_model
 from .errors import InputError, OptionError, TargetError
 from .forward import Params, apply, chunked
@@ -887,8 +888,9 @@ def sanity_check(
 
     with :math:`\theta^{(i)}` the parameters with the top ``i + 1`` layers randomised (:func:`randomized`).
     The maps of all randomised sets come from one ``torch.func.vmap`` over the stacked parameters
-    (``chunk_size`` sets at a time, ``None``: all at once; memory grows with ``L`` copies of the parameters).
-    ``target=None`` is the trained model's top-1 class, explained by every set. ``options`` go to ``method``.
+    (:func:`camfn.maps_over_params`; ``chunk_size`` sets at a time, ``None``: all at once; memory grows with
+    ``L`` copies of the parameters). ``target=None`` is the trained model's top-1 class, explained by every set.
+    ``options`` go to ``method``.
     A method that passes has correlations falling towards 0 as more layers are randomised.
 
     Example:
@@ -903,5 +905,5 @@ def sanity_check(
     target = _fixed_target(model, params, x, target, options)
     trained = method(model, params, x, layer, target, **options)
     stacked, names = randomized(model, params, seed, depth=depth)
-    maps = torch.func.vmap(lambda q: method(model, q, x, layer, target, **options), chunk_size=chunk_size)(stacked)
+    maps = maps_over_params(method, model, stacked, x, layer, target, chunk_size=chunk_size, **options)
     return Sanity(names, rank_correlation(trained.unsqueeze(0), maps, ndim=x.ndim - 2), maps)

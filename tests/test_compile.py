@@ -14,7 +14,6 @@ import inspect
 
 import pytest
 import torch
-from conftest import GapNet, randomize_bn
 
 import camfn
 
@@ -31,9 +30,8 @@ def _options(method) -> dict:
 
 
 @pytest.fixture(scope="module")
-def net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(GapNet(classes=5, width=6)).eval()
+def net(gapnet: torch.nn.Module) -> torch.nn.Module:
+    return gapnet  # conftest's GapNet(classes=5, width=6) with random BatchNorm statistics
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import GapNet, randomize_bn
+from conftest import GapNet
 
 import camfn
 
@@ -35,9 +35,8 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="module")
-def net() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn(GapNet(classes=5, width=6)).eval()
+def net(gapnet: torch.nn.Module) -> torch.nn.Module:
+    return gapnet  # conftest's GapNet(classes=5, width=6) with random BatchNorm statistics
 
 
 @pytest.fixture(scope="module")

@@ -297,7 +297,7 @@ def scorecam(
     layer: Layers = None,
     target: Target = None,
     *,
-    chunk_size: int | None = 16,
+    chunk_size: int | None = 8,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
@@ -342,7 +342,7 @@ def sscam(
     n: int = 35,
     std: float = 2.0,
     seed: Seed = 0,
-    chunk_size: int | None = 16,
+    chunk_size: int | None = 8,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
@@ -386,7 +386,7 @@ def iscam(
     target: Target = None,
     *,
     n: int = 10,
-    chunk_size: int | None = 16,
+    chunk_size: int | None = 8,
     progress: bool = False,
     **options: Unpack[Options],
 ) -> Maps:
