@@ -242,7 +242,7 @@ def smooth_gradcampp(
     with :math:`A` the *clean* activation and the target (``None``: the clean top-1 class) fixed across
     noisy copies (torchcam mixes the last noisy activation in; camfn does not). Noise is drawn from
     ``seed`` and shared by the batch; ``std=0`` gives :func:`gradcampp` exactly. The ``n`` noisy
-    forward/backward passes run ``vmap``-ed, ``chunk_size`` at a time.
+    forward/backward passes run as one batch of ``n * B`` noisy copies, ``chunk_size`` copies of the batch at a time.
 
     Example:
         >>> import torch, torchvision, camfn
@@ -260,12 +260,15 @@ def smooth_gradcampp(
     squeeze = score(output).ndim == 1
     noise = gaussian((n, *x.shape[1:]), std, seed, dtype=x.dtype, device=x.device)
 
-    def moments(idx: Tensor) -> tuple[Tensor, ...]:
-        def one(eps: Tensor) -> tuple[Tensor, ...]:
-            grads = gradients(eng, params, x + eps, score).grads
-            return tuple(torch.stack([g, g.pow(2), g.pow(3)]) for g in grads)
+    b = x.shape[0]
 
-        return tuple(m.sum(0) for m in vmap(one)(noise.index_select(0, idx)))
+    def flat_score(out: Tensor) -> Tensor:  # scores of c noisy copies of the batch, flattened to (c * B, ...)
+        return vmap(score)(out.unflatten(0, (-1, b))).flatten(0, 1)
+
+    def moments(idx: Tensor) -> tuple[Tensor, ...]:
+        noisy = (x.unsqueeze(0) + noise.index_select(0, idx).unsqueeze(1)).flatten(0, 1)  # one batched pass
+        grads = [g.unflatten(0, (-1, b)) for g in gradients(eng, params, noisy, flat_score).grads]
+        return tuple(torch.stack([g.sum(0), g.pow(2).sum(0), g.pow(3).sum(0)]) for g in grads)
 
     sums = chunked(moments, n, chunk_size, device=x.device, combine="sum", progress=progress, desc="smooth_gradcampp")
     fns = [to_maps(traced, model, node, x, opts) for node in nodes]  # the layout option (identity by default)
