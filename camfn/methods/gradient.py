@@ -261,13 +261,21 @@ def smooth_gradcampp(
     noise = gaussian((n, *x.shape[1:]), std, seed, dtype=x.dtype, device=x.device)
 
     b = x.shape[0]
+    info = traced.node_shapes(x)["output"]
+    plain = isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], torch.Size)  # a tensor output
 
     def flat_score(out: Tensor) -> Tensor:  # scores of c noisy copies of the batch, flattened to (c * B, ...)
         return vmap(score)(out.unflatten(0, (-1, b))).flatten(0, 1)
 
+    def noisy_grads(eps: Tensor) -> list[Tensor]:
+        """``dS/dA`` at ``x + eps_i`` for a chunk of noises ``(c, ...)``: ``(c, B, T, K, ...)`` per layer."""
+        if plain:  # one batched pass over the c * B noisy copies
+            noisy = (x.unsqueeze(0) + eps.unsqueeze(1)).flatten(0, 1)
+            return [g.unflatten(0, (-1, b)) for g in gradients(eng, params, noisy, flat_score).grads]
+        return list(vmap(lambda e: gradients(eng, params, x + e, score).grads)(eps))  # tuple/dict/object outputs
+
     def moments(idx: Tensor) -> tuple[Tensor, ...]:
-        noisy = (x.unsqueeze(0) + noise.index_select(0, idx).unsqueeze(1)).flatten(0, 1)  # one batched pass
-        grads = [g.unflatten(0, (-1, b)) for g in gradients(eng, params, noisy, flat_score).grads]
+        grads = noisy_grads(noise.index_select(0, idx))
         return tuple(torch.stack([g.sum(0), g.pow(2).sum(0), g.pow(3).sum(0)]) for g in grads)
 
     sums = chunked(moments, n, chunk_size, device=x.device, combine="sum", progress=progress, desc="smooth_gradcampp")
