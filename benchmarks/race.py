@@ -53,9 +53,19 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 
 import camfn
 from benchmarks.perturbation import Meter, can_reset_peak
-from benchmarks.speed import Timings, cpu_model, fmt, last_module, loadavg, report_options, revision, table, version
+from benchmarks.speed import (
+    Timings,
+    cpu_model,
+    fmt,
+    last_module,
+    loadavg,
+    report_options,
+    revision,
+    table,
+    version,
+    write_report,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join("benchmarks", "results", "speed.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "speed-quick.md")
 
@@ -465,11 +475,7 @@ def race(argv: list[str] | None = None) -> str:
     )
     print("\n" + text[len("\n".join(lines)) :].lstrip("\n"))
     if args.markdown is not None:
-        path = args.markdown if os.path.isabs(args.markdown) else os.path.join(ROOT, args.markdown)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write("# Speed: camfn against grad-cam and torchcam\n\n" + text + "\n")
-        print(f"written to {os.path.relpath(path, ROOT)}", file=sys.stderr)
+        write_report(args.markdown, "Speed: camfn against grad-cam and torchcam", text)
     return text
 
 

@@ -47,9 +47,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks.speed import cpu_model, fmt, loadavg, report_options, revision, table
+from benchmarks.speed import cpu_model, fmt, loadavg, report_options, revision, table, write_report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join("benchmarks", "results", "scaling.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "scaling-quick.md")
 METHODS = ("gradcam", "scorecam", "ablationcam")
@@ -306,12 +305,7 @@ def main(argv: list[str] | None = None) -> str:
     end = f"- load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s"
     print("\n" + body + "\n\n" + end)
     if args.markdown is not None:
-        path = args.markdown if os.path.isabs(args.markdown) else os.path.join(ROOT, args.markdown)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        text = "\n".join([*lines, "", body, "", end])
-        with open(path, "w") as f:
-            f.write("# Scaling: how camfn's time grows\n\n" + text + "\n")
-        print(f"written to {os.path.relpath(path, ROOT)}", file=sys.stderr)
+        write_report(args.markdown, "Scaling: how camfn's time grows", "\n".join([*lines, "", body, "", end]))
     return body
 
 

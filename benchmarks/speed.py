@@ -195,6 +195,16 @@ def report_options(parser: argparse.ArgumentParser, results: str, results_quick:
     parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and classes [0]")
 
 
+def write_report(path: str, title: str, text: str) -> None:
+    """Write ``# title`` and ``text`` to ``path`` (relative to the repository root unless absolute)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = path if os.path.isabs(path) else os.path.join(root, path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(f"# {title}\n\n{text}\n")
+    print(f"written to {os.path.relpath(path, root)}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------------ timing
 class Timings:
     """Summaries of ``times`` (wall seconds per call) and ``cpu`` (process CPU seconds per call)."""
