@@ -20,6 +20,7 @@ from .evaluation import evaluate
 from .forward import params
 from .graph import Cut, LayerInfo, default_layer, layers
 from .methods import (
+    METHODS,
     ablationcam,
     cam,
     eigencam,
@@ -41,23 +42,7 @@ from .postprocess import fuse
 
 __version__ = "0.1.0"
 
-METHODS = {
-    "gradcam": gradcam,
-    "gradcampp": gradcampp,
-    "xgradcam": xgradcam,
-    "layercam": layercam,
-    "hirescam": hirescam,
-    "gradcam_elementwise": gradcam_elementwise,
-    "eigengradcam": eigengradcam,
-    "cam": cam,
-    "eigencam": eigencam,
-    "smooth_gradcampp": smooth_gradcampp,
-    "ablationcam": ablationcam,
-    "scorecam": scorecam,
-    "sscam": sscam,
-    "iscam": iscam,
-}
-"""Every method by name."""
+
 
 __all__ = [
     "METHODS",

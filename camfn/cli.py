@@ -357,9 +357,9 @@ def _floats(text: str) -> tuple[float, ...]:
 
 # ---------------------------------------------------------------------------------------------- methods
 def _methods() -> dict[str, Callable[..., Any]]:
-    import camfn
+    from .methods import METHODS
 
-    return dict(camfn.METHODS)
+    return dict(METHODS)
 
 
 def parse_methods(text: str) -> list[str]:

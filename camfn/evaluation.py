@@ -151,7 +151,7 @@ def shard_ranges(length: int, shard_size: int) -> list[range]:
 
 # --------------------------------------------------------------------------------------------- checks
 def _method(method: str | Callable[..., Tensor]) -> tuple[str, Callable[..., Tensor]]:
-    from . import METHODS
+    from .methods import METHODS
 
     if isinstance(method, str):
         if method not in METHODS:

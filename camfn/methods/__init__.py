@@ -15,7 +15,26 @@ from .gradient import (
 from .guided import guided_backprop, guided_gradcam
 from .perturbation import ablationcam, iscam, scorecam, sscam
 
+METHODS = {
+    "gradcam": gradcam,
+    "gradcampp": gradcampp,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "hirescam": hirescam,
+    "gradcam_elementwise": gradcam_elementwise,
+    "eigengradcam": eigengradcam,
+    "cam": cam,
+    "eigencam": eigencam,
+    "smooth_gradcampp": smooth_gradcampp,
+    "ablationcam": ablationcam,
+    "scorecam": scorecam,
+    "sscam": sscam,
+    "iscam": iscam,
+}
+"""Every method by name."""
+
 __all__ = [
+    "METHODS",
     "ablationcam",
     "cam",
     "eigencam",
