@@ -43,7 +43,6 @@ from .postprocess import fuse
 __version__ = "0.1.0"
 
 
-
 __all__ = [
     "METHODS",
     "CamfnError",
