@@ -58,9 +58,10 @@ from torch import Tensor, nn
 
 from . import metrics as _metrics
 from .errors import InputError, OptionError, TargetError, nearest
-from .forward import Params, apply
-from .forward import params as params_of
-from .graph import HookPolicy, default_layer
+from .hooks import HookPolicy
+from .layer_names import default_layer
+from .tracing import Params, apply
+from .tracing import params as params_of
 
 __all__ = ["BOX_METRICS", "DEFAULT_METRICS", "MODEL_METRICS", "Item", "evaluate", "item", "shard_ranges"]
 
