@@ -120,9 +120,9 @@ def _view(node: fx.Node) -> bool:
     return node.op in ("call_method", "call_function") and _name(node.target).rstrip("_") in _VIEWS
 
 
-def _base(node: Any) -> Any:
-    """The tensor a chain of views starts from."""
-    while isinstance(node, fx.Node) and _view(node) and node.args:
+def _base(node: Any, stop: Any = ()) -> Any:
+    """The tensor a chain of views starts from (a node in ``stop`` is a start)."""
+    while isinstance(node, fx.Node) and node not in stop and _view(node) and node.args:
         node = node.args[0]
     return node
 
@@ -233,10 +233,11 @@ def _lift(module: fx.GraphModule, graph: fx.Graph, state: frozenset[str]) -> tup
                 owned[node.target] = sub
         if new is None:
             new = out.node_copy(node, lambda a: env[a])
-        new.meta = dict(node.meta)
+        new.meta = {**node.meta, "camfn_name": node.name}
         env[node] = new
         if is_inplace(node, module) and node.args:
-            base = _base(env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None)
+            start = env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+            base = _base(start, set(getters.values()))
             if isinstance(base, fx.Node) and (base.op == "placeholder" or base in getters.values()):
                 inplace_roots.add(base)
     for base in inplace_roots:  # writes land on camfn's copy, never on the caller's tensors

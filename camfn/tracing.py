@@ -181,49 +181,56 @@ class Traced:
         return found
 
     def _propagate(self, x: Tensor) -> dict[str, Any]:
+        """Shapes by running the *lifted* program (in-place writes land on its copies, never on the
+        model's tensors): fake tensors first, one real forward of zeros where they cannot run."""
+
         def info(v: Any) -> Any:
             return (v.shape, v.dtype) if isinstance(v, Tensor) else None
 
+        plain = self.program()
+        state = dict(self.module.named_parameters(remove_duplicate=False))
+        state.update(self.module.named_buffers(remove_duplicate=False))
+        state = {k: state[k] for k in plain.reads if k in state}
         values: dict[str, Any] = {}
-        output: Any = None
         leaves = any(n.op == "call_module" and n.target in ("head", "tail") for n in self.module.graph.nodes)
         if not leaves:  # a Cut runs user code: shapes from a real forward, no fake tensor reaches it
             mode = FakeTensorMode(allow_non_fake_inputs=True)
             with mode:
                 fake = torch.empty(x.shape, dtype=x.dtype, device=x.device)
             try:
-                FakeTensorProp(self.module, mode).propagate_dont_convert_inputs(fake)
-                values = {n.name: n.meta.get("val") for n in self.module.graph.nodes}
-                output = self._output_val(values)
+                FakeTensorProp(plain.module, mode).propagate_dont_convert_inputs(state, fake)
+                values = {n.meta.get("camfn_name", n.name): n.meta.get("val") for n in plain.module.graph.nodes}
             except Exception:
                 values = {}
         if not values:
-            values, output = self._run_zeros(x)
+            values = self._run_zeros(plain.module, state, x)
+        output = next(n for n in plain.module.graph.nodes if n.op == "output").args[0]
+        output = torch.utils._pytree.tree_map(
+            lambda a: values[a.meta.get("camfn_name", a.name)] if isinstance(a, fx.Node) else a, output
+        )
         out = {name: info(v) for name, v in values.items()}
         out["output"] = torch.utils._pytree.tree_map(info, output)
         return out
 
-    def _run_zeros(self, x: Tensor) -> tuple[dict[str, Any], Any]:
-        """Shapes from one real forward of zeros (for graphs fake tensors cannot run)."""
+    @staticmethod
+    def _run_zeros(module: fx.GraphModule, state: Params, x: Tensor) -> dict[str, Any]:
+        """Values from one real forward of zeros (for graphs fake tensors cannot run)."""
         values: dict[str, Any] = {}
 
         class Recorder(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
-                values[n.name] = result = super().run_node(n)
+                values[n.meta.get("camfn_name", n.name)] = result = super().run_node(n)
                 return result
 
         try:
             with torch.no_grad():
-                output = Recorder(self.module).run(torch.zeros(x.shape, dtype=x.dtype, device=x.device))
+                Recorder(module).run(state, torch.zeros(x.shape, dtype=x.dtype, device=x.device))
         except Exception as err:
             raise TraceError(
-                f"running the traced model on an input of shape {tuple(x.shape)} failed: {type(err).__name__}: {err}"
+                f"running the traced model on an input of shape {tuple(x.shape)} failed: {type(err).__name__}: "
+                f"{err}{_where(err)}"
             ) from err
-        return values, output
-
-    def _output_val(self, values: dict[str, Any]) -> Any:
-        node = next(n for n in self.module.graph.nodes if n.op == "output")
-        return torch.utils._pytree.tree_map(lambda a: values[a.name] if isinstance(a, fx.Node) else a, node.args[0])
+        return values
 
 
 # ---------------------------------------------------------------------------------------- cache keys
@@ -372,6 +379,7 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
 def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | None) -> Traced:
     copy = skeleton(model, hooks, {})
     tracer = (CutTracer if isinstance(model, Cut) else NodePathTracer)(**_tracer_kwargs(tracer_options))
+    tracer.proxy_buffer_attributes = True  # a buffer written in forward is recorded, never written while tracing
     try:
         graph = tracer.trace(copy, concrete_args=(tracer_options or {}).get("concrete_args"))
     except Exception as err:
@@ -607,6 +615,7 @@ def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor) -
             "(B, C, H, W) batch; make it traceable by torch.export (no data-dependent Python control flow)"
         ) from err
     traced = _from_exported(exported, wrapper, _node_names)
+    traced.tracer = "function"
 
     for n in traced.module.graph.nodes:  # the holder's buffers are the user's keys
         if n.op == "get_attr" and n.target in wrapper.names:
