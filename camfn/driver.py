@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .checks import check_input, check_model, check_params
+from .checks import check_input, check_params
 from .chunks import chunked, copies_per_forward
 from .errors import InputError, LayerError, OptionError
 from .inference import bind
@@ -338,9 +338,7 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
     """Run method ``spec``: the eight steps of the module docstring."""
     opts = validate(options, spec.options)
     x = check_input(x)
-    if isinstance(model, nn.Module):
-        check_model(model)
-    elif not callable(model):
+    if not isinstance(model, nn.Module) and not callable(model):
         raise_model(model)
     trace = traced(
         model,

@@ -39,6 +39,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .checks import check_model
 from .cut import Cut, CutTracer
 from .errors import InputError, LayerError, OptionError, TraceError, nearest
 from .hooks import HOOK_DICTS, HookPolicy, check_hooks, skeleton
@@ -111,6 +112,7 @@ class Traced:
     modules: frozenset[str] = frozenset()  # the model's module paths
     prefix_tokens: int | None = None
     cache: Cache = field(default_factory=Cache)
+    checked: tuple | None = None  # the last params dict found valid (camfn.checks.check_params), and its tensors
     shapes: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -250,13 +252,11 @@ _SKIP = {
     "_is_full_backward_hook",
     *HOOK_DICTS,
 }
-_PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
+_PLAIN = {int, float, str, bool, type(None), torch.dtype, torch.device}
 
 
 def _value(v: Any) -> Any:
-    if isinstance(v, _PLAIN):
-        return v
-    if isinstance(v, tuple | list) and len(v) <= 16 and all(isinstance(i, _PLAIN) for i in v):
+    if isinstance(v, tuple | list) and len(v) <= 16 and all(type(i) in _PLAIN for i in v):
         return (type(v), *v)
     if isinstance(v, Tensor):
         return (id(v), v.shape, v.dtype, v.device)
@@ -269,18 +269,38 @@ def _state(d: dict[str, Any]) -> tuple:
 
 def fingerprint(model: nn.Module) -> tuple:
     """Everything the traced graph depends on: per module its identity, type, mode, hooks, non-tensor
-    attributes, and the identity, shape and dtype of its parameters and buffers."""
-    return tuple(
-        (
-            id(m),
-            type(m),
-            m.training,
-            *(tuple(getattr(m, h, ())) for h in HOOK_DICTS),
-            tuple((k, _value(v)) for k, v in m.__dict__.items() if k not in _SKIP),
-            _state(m._parameters),
-            _state(m._buffers),
+    attributes, the identity, shape and dtype of its parameters and buffers; and the global module hooks."""
+    out: list[tuple] = [_global_hooks()]
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        d = m.__dict__
+        out.append(
+            (
+                id(m),
+                type(m),
+                d.get("training"),
+                tuple(tuple(d[h]) if d.get(h) else () for h in HOOK_DICTS),
+                tuple((k, v if type(v) in _PLAIN else _value(v)) for k, v in d.items() if k not in _SKIP),
+                _state(d["_parameters"]) if d.get("_parameters") else (),
+                _state(d["_buffers"]) if d.get("_buffers") else (),
+            )
         )
-        for m in model.modules()
+        children = d.get("_modules")
+        if children:
+            stack.extend(reversed([c for c in children.values() if c is not None]))
+    return tuple(out)
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module
+
+    return tuple(
+        tuple(getattr(module, k, {}))
+        for k in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
     )
 
 
@@ -368,7 +388,6 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
             ``autowrap_modules``, ``param_shapes_constant``) and ``concrete_args`` to ``trace``.
     """
     model = _check_module(model)
-    check_hooks(model, hooks)
     if tracer_options is not None and not isinstance(tracer_options, dict):
         raise OptionError(f"tracer_options must be a dict or None, got {type(tracer_options).__name__}")
     return _cached(
@@ -377,6 +396,7 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
 
 
 def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | None) -> Traced:
+    _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
     tracer = (CutTracer if isinstance(model, Cut) else NodePathTracer)(**_tracer_kwargs(tracer_options))
     tracer.proxy_buffer_attributes = True  # a buffer written in forward is recorded, never written while tracing
@@ -398,6 +418,13 @@ def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | No
         {n: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
     )
     return _traced(model, module, qualname, "fx")
+
+
+def _check_once(model: nn.Module, hooks: HookPolicy) -> None:
+    """Hooks and modes, checked when a trace is built: both are part of the fingerprint, so a cached trace
+    stands for a model that passed them."""
+    check_hooks(model, hooks)
+    check_model(model)
 
 
 def _traced(model: nn.Module, module: fx.GraphModule, qualname: dict[str, str], tracer: str) -> Traced:
@@ -520,12 +547,12 @@ def trace_export(
         torch.Size([1, 64, 64])
     """
     model = _check_module(model)
-    check_hooks(model, hooks)
     key = ("export", hooks, tuple(x.shape[1:]), x.dtype, x.device.type, _freeze(model_kwargs))
     return _cached(model, key, fingerprint(model), lambda: _export(model, x, hooks, model_kwargs))
 
 
 def _export(model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None) -> Traced:
+    _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
     example = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
     kwargs = dict(model_kwargs or {})
