@@ -7,7 +7,6 @@ shapes model and demo image (``make demo``).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -173,19 +172,22 @@ def test_exported_model_layers(files, capsys):
     assert "<- default" in out
 
 
-def test_progress_bar_only_on_a_terminal():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+def test_progress_bar_is_tqdm_and_optional(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    bar = cli.progress(4, enabled=True)
+    assert isinstance(bar, tqdm.tqdm) and bar.total == 4
+    bar.close()
+    assert cli.progress(4, enabled=False) is None  # --quiet
+    assert cli.progress(1, enabled=True) is None  # one map: no bar
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: no bar, no error
+    assert cli.progress(4, enabled=True) is None
 
-    shown, hidden, quiet = Terminal(), io.StringIO(), Terminal()
-    for stream, enabled in ((shown, True), (hidden, True), (quiet, False)):
-        bar = cli.Progress(4, stream, enabled)
-        for label in "abcd":
-            bar.step(label)
-        bar.close()
-    assert "[##########..........] 2/4 c" in shown.getvalue()
-    assert hidden.getvalue() == quiet.getvalue() == ""
+
+def test_explain_runs_without_tqdm(monkeypatch, files, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    args = ["explain", str(files["photo"]), str(files["photo"]), "--model", str(files["pt2"]), "--out", str(tmp_path)]
+    assert run(args, capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo__gradcam.png", "photo_gradcam.png"]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -204,18 +206,18 @@ BAD = [
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{broken}"], "cannot read weights"),
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{wrong_state}"], "do not fit resnet18"),
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{tiny_state}", "--pretrained"], "not both"),
-    (["explain", "{photo}", "--model", "{pt2}", "--target", "7"], "the model has 5 classes"),
+    (["explain", "{photo}", "--model", "{pt2}", "--target", "7"], "target class 7 is out of range"),
     (["explain", "{photo}", "--model", "{pt2}", "--target", "-1"], "class indices start at 0"),
     (["explain", "{photo}", "--model", "{pt2}", "--target", "dog"], "is not a class index"),
     (["explain", "--target", "sqare"], "did you mean 'square'? Classes: circle, square, triangle, cross, ring"),
     (["explain", "{photo}", "--model", "{static}", "--method", "scorecam"], "Export with a dynamic batch"),
-    (["explain", "{photo}", "--alpha", "1.5"], "--alpha 1.5"),
-    (["explain", "{photo}", "--scale", "0"], "--scale 0"),
+    (["explain", "{photo}", "--alpha", "1.5"], "argument --alpha: '1.5': use a number between 0"),
+    (["explain", "{photo}", "--scale", "0"], "argument --scale: '0': use a whole number from 1"),
     (["explain", "{photo}", "--out", "{afile}"], "is a file"),
     (["explain", "{photo}", "--device", "nonsense"], "is not a device"),
     (["explain", "{photo}", "--size", "big"], "use a whole number"),
     (["explain", "{photo}", "--mean", "a,b"], "one number or three"),
-    (["explain", "{photo}", "--cmap", "rainbow"], "invalid choice"),
+    (["explain", "{photo}", "--cmap", "rainbo"], "unknown colormap 'rainbo'"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ]

@@ -253,7 +253,8 @@ def test_cli_eval_on_an_image_folder_with_class_subfolders(tmp_path, capsys):
     [
         (["--metrics", "nope"], "unknown metric 'nope'"),
         (["--method", "gradcam,layercam"], "one method per run"),
-        (["--samples", "0"], "--samples 0: use a positive number"),
+        (["--samples", "0"], "argument --samples: '0': use a whole number from 1"),
+        (["--steps", "0"], "argument --steps: '0': use a whole number from 1"),
     ],
 )
 def test_cli_eval_bad_input_exits_2(args, match, tmp_path, capsys):
