@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from . import targets, viz
 from .errors import CamfnError, InputError, OptionError, nearest
 from .evaluation import DEFAULT_METRICS
+from .files import check_folder
 from .images import MAX_PIXELS, ImageFolder, load_image, save_array, save_picture
 from .viz import preprocess
 from .zoo import Model, load_model
@@ -232,6 +233,8 @@ def _target(text: str | None, classes: Sequence[str] | None) -> int | None:
         value = int(text)
         if value < 0:
             raise OptionError(f"--target {value}: class indices start at 0")
+        if value >= 2**31:
+            raise OptionError(f"--target {value} is out of range: pass a class index of the model (0..classes - 1)")
         return value
     if classes and text in classes:
         return list(classes).index(text)
@@ -267,18 +270,6 @@ def _samples(pictures: list[tuple[str, Tensor]], loaded: Model, size: int | tupl
         if h * w > MAX_PIXELS:
             raise OptionError(f"--size {size}: {name} would become a {h} x {w} input, too large; pass a smaller --size")
     return [Sample(name, picture, preprocess(picture, size, loaded.mean, loaded.std)) for name, picture in pictures]
-
-
-def _check_out(out: Path) -> None:
-    """``--out`` must be a folder or creatable as one: no file at it or above it."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                where = "is a file" if folder == out else f"is under {folder}, which is a file"
-                raise InputError(f"--out {out} {where}; pass a folder (it is created when missing)")
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise InputError(f"--out {out}: {folder} is not writable; pass a folder you can write to")
-            return
 
 
 def _check_picture_sizes(args: argparse.Namespace, pictures: Sequence[Tensor], methods: int) -> None:
@@ -333,7 +324,7 @@ def _run_method(
 def _explain(args: argparse.Namespace) -> int:
     names = parse_methods(args.method)
     out = Path(args.out)
-    _check_out(out)
+    check_folder(out, "--out")
     pictures = _pictures(args)  # fail on files before loading a model
     device = _device(args.device)
     loaded = load_model(args.model, Path(args.weights) if args.weights else None, args.pretrained)
@@ -480,6 +471,7 @@ def _eval(args: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise OptionError(f"--method {args.method!r}: camfn eval takes one method per run (one report each)")
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    check_folder(Path(args.out), "--out")
     device = _eval_device(args.device)
     loaded = load_model(args.model, Path(args.weights) if args.weights else None, args.pretrained)
     size = args.size or loaded.size

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from . import metrics as _metrics
 from . import targets as _targets
 from .errors import CamfnError, DamagedFileError, InputError, OptionError, TargetError, nearest
-from .files import load_tensors, read_json, write_bytes, write_json
+from .files import check_folder, load_tensors, read_json, write_bytes, write_json
 from .forward import Params, apply
 from .forward import params as params_of
 from .graph import HookPolicy, default_layer
@@ -668,8 +668,7 @@ def evaluate(
     )
     key = _key(config)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"out_dir {out} is a file; pass a folder (it is created when missing)")
+    check_folder(out, "out_dir")
     if (out / "maps").is_symlink():
         raise InputError(f"{out / 'maps'} is a symlink; camfn writes shards only into a real folder. Remove it")
     say = log or (lambda line: None)

@@ -40,6 +40,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,13 +50,35 @@ import torch
 
 from .errors import DamagedFileError, InputError, UnsafeFileError
 
-__all__ = ["check_exported", "load_exported", "load_tensors", "read_json", "write_bytes", "write_json"]
+__all__ = [
+    "check_exported",
+    "check_folder",
+    "load_exported",
+    "load_tensors",
+    "read_json",
+    "write_bytes",
+    "write_json",
+]
 
 MAX_FILE_BYTES = 16 << 30
 """Largest file camfn reads (16 GiB), and the largest sum of an archive's declared entry sizes."""
 
 
 # --------------------------------------------------------------------------------------------- writing
+def check_folder(path: Path, name: str) -> None:
+    """Refuse an output folder ``path`` (the option ``name``) that is a file, lies under a file, or cannot be
+    written: checked before any work, so nothing is computed for output that cannot be saved."""
+    path = Path(path)
+    for folder in (path, *path.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                where = "is a file" if folder == path else f"is under {folder}, which is a file"
+                raise InputError(f"{name} {path} {where}; pass a folder (it is created when missing)")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"{name} {path}: {folder} is not writable; pass a folder you can write to")
+            return
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
 
@@ -113,6 +136,12 @@ def read_json(path: Path, what: str = "JSON file", validate: Callable[[Any], Non
     return value
 
 
+def _safe_load(data: bytes) -> Any:
+    with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a file: the error says it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
 def load_tensors(path: Path, what: str = "tensor file") -> Any:
     """``torch.load(path, weights_only=True)`` on CPU: tensors and plain containers only, never code.
 
@@ -120,12 +149,11 @@ def load_tensors(path: Path, what: str = "tensor file") -> Any:
     """
     data = _read(path, what)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return _safe_load(data)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:300]
         raise InputError(
-            f"cannot read {what} {path} as tensors (torch.load with weights_only=True): {type(e).__name__}: "
-            f"{first}. Save plain tensors and dicts of tensors (torch.save(model.state_dict(), path))"
+            f"cannot read {what} {path} as tensors (torch.load with weights_only=True): {_load_failure(e)}. Save "
+            "plain tensors and dicts of tensors (torch.save(model.state_dict(), path))"
         ) from None
 
 
@@ -234,11 +262,21 @@ def _tensor_refusal(data: bytes) -> str | None:
         if any(n.endswith("constants.pkl") or "/code/" in n for n in names):
             return "it is a TorchScript archive (code)"
     try:
-        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        _safe_load(data)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0][:160]
-        return f"it does not load with torch.load(weights_only=True) ({type(e).__name__}: {first})"
+        return f"it does not load with torch.load(weights_only=True) ({_load_failure(e)})"
     return None
+
+
+def _load_failure(e: Exception) -> str:
+    """A one-line reason from a ``torch.load`` failure (the global a pickle asked for, when that was it)."""
+    text = str(e)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text) or re.search(r"Unsupported operand \S+", text)
+    if found:
+        what = found.group(1) if found.groups() else found.group(0)
+        return f"its pickle asks for the Python object {what}, which is not tensor data"
+    first = re.sub(r"\x1b\[[0-9;]*m", "", (text.splitlines() or [""])[0])[:160]
+    return f"{type(e).__name__}: {first}"
 
 
 def _raw_payloads(configs: dict[str, Any]) -> set[str]:

@@ -63,7 +63,10 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> Tensor:
                         "decompression bomb or a huge image; downscale it first"
                     )
                 image.load()
-                return viz.as_image(image)
+                try:
+                    return viz.as_image(image)
+                except InputError as e:
+                    raise InputError(f"image {path}: {e}") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
