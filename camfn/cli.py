@@ -510,7 +510,8 @@ def _eval(args: argparse.Namespace) -> int:
         width = max(map(len, report["metrics"]), default=6)
         _say(args, f"{'metric':<{width}}  {'mean':>8}  {'std':>8}  count")
         for name, m in report["metrics"].items():
-            _say(args, f"{name:<{width}}  {m['mean']:8.4f}  {m['std']:8.4f}  {m['count']}")
+            mean, std = (f"{v:8.4f}" if v is not None else f"{'-':>8}" for v in (m["mean"], m["std"]))
+            _say(args, f"{name:<{width}}  {mean}  {std}  {m['count']}")
         if report["failed"]:
             shown = ", ".join(str(f["index"]) for f in report["failed"][:20])
             more = " ..." if len(report["failed"]) > 20 else ""

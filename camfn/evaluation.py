@@ -272,8 +272,9 @@ def _params_digest(params: Params) -> str:
 def _graph_fingerprint(model: nn.Module, hooks: HookPolicy = "error") -> str:
     """A hash of what the model's forward computes apart from its tensors: the code of the traced graph
     (``camfn.graph.trace(model).module.code``: Python constants used in ``forward`` appear in it) and every
-    module's type and settings (``extra_repr``: stride, padding, eps ...). A model fx cannot trace is
-    fingerprinted by its modules only. The one place that knows the tracing API."""
+    module's type, settings (``extra_repr``: stride, padding, eps ...) and plain Python attributes (numbers,
+    strings, tuples, ``training``), which covers a changed attribute even where a trace cache is stale. A model
+    fx cannot trace is fingerprinted by its modules only. The one place that knows the tracing API."""
     from .graph import trace
 
     h = hashlib.sha1()
@@ -282,7 +283,13 @@ def _graph_fingerprint(model: nn.Module, hooks: HookPolicy = "error") -> str:
     except CamfnError:
         h.update(b"untraceable")
     for name, module in model.named_modules():
-        h.update(f"{name}:{type(module).__module__}.{type(module).__qualname__}({module.extra_repr()})".encode())
+        plain = sorted(
+            (k, repr(v))
+            for k, v in vars(module).items()
+            if not k.startswith("_") and (v is None or isinstance(v, bool | int | float | str | tuple))
+        )
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        h.update(f"{name}:{kind}({module.extra_repr()}){plain}".encode())
     return h.hexdigest()
 
 
@@ -760,6 +767,8 @@ def _gather_failed(group: _Group, failed: list[int], length: int) -> list[int]:
 
 
 def _summary(total: float, squares: float, count: float) -> dict[str, Any]:
-    mean = total / count if count else math.nan
-    var = max(squares / count - mean * mean, 0.0) if count else math.nan
-    return {"mean": mean, "std": math.sqrt(var), "count": int(count)}
+    """Mean and std of a metric from its sums; ``None`` for both when no sample was scored (all failed)."""
+    if not count:
+        return {"mean": None, "std": None, "count": 0}
+    mean = total / count
+    return {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0)), "count": int(count)}
