@@ -10,6 +10,7 @@ and no pickle planted in a file ever ran (its marker file is never created).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -162,6 +163,12 @@ def pickled_weight(sb: Sandbox) -> bytes:
     )
 
 
+def shape_expression(sb: Sandbox, text: str) -> bytes:
+    """The clean archive with a symbolic int whose expression (``sympy.sympify``'d by torch) is ``text``."""
+    symbol = {"as_expr": {"expr_str": text, "hint": None}}
+    return edit_program(sb, lambda p: p["graph_module"]["graph"]["sym_int_values"].update(s0=symbol))
+
+
 def first_node(program: dict) -> dict:
     return program["graph_module"]["graph"]["nodes"][0]
 
@@ -227,22 +234,12 @@ ARCHIVES: dict[str, tuple[Callable[[Sandbox], bytes], type[Exception], str]] = {
         "guards_code .* is not a shape guard",
     ),
     "sympy expression": (
-        lambda sb: edit_program(
-            sb,
-            lambda p: p["graph_module"]["graph"]["sym_int_values"].update(
-                s0={"as_expr": {"expr_str": "__import__('os').getcwd()", "hint": None}}
-            ),
-        ),
+        lambda sb: shape_expression(sb, "__import__('os').getcwd()"),
         UnsafeFileError,
         "shape expression .* holds '__import__'",
     ),
     "sympy expression building a string": (
-        lambda sb: edit_program(
-            sb,
-            lambda p: p["graph_module"]["graph"]["sym_int_values"].update(
-                s0={"as_expr": {"expr_str": "open(chr(47)+chr(116))", "hint": None}}
-            ),
-        ),
+        lambda sb: shape_expression(sb, "open(chr(47)+chr(116))"),
         UnsafeFileError,
         "holds 'open'",
     ),
@@ -294,12 +291,20 @@ def test_hostile_pt2_is_refused_before_torch_reads_it(case, sandbox, inputs):
     check_unchanged(sandbox, inputs, act)
 
 
-def test_the_planted_pickle_really_runs_under_plain_torch_export_load(sandbox, tmp_path):
-    """The threat is real: ``torch.export.load`` itself unpickles the legacy entry with ``weights_only=False``."""
+def test_the_threats_are_real_under_plain_torch_export_load(sandbox, tmp_path):
+    """Without camfn's inspection, ``torch.export.load`` runs the legacy entry's pickle (``weights_only=False``)
+    while loading, and a program's ``guards_code`` when the loaded module is called."""
     marker = tmp_path / "ran"
     evil = rebuild(sandbox.pt2, {sandbox.prefix + "data/weights/model.pt": torch_saved(Touch(marker))})
     with pytest.raises(Exception):  # noqa: B017 (torch fails after running the code)
         torch.export.load(io.BytesIO(evil))
+    assert marker.exists()
+    marker.unlink()
+    guard = f"__import__('pathlib').Path({str(marker)!r}).touch() is None"
+    module = torch.export.load(io.BytesIO(edit_program(sandbox, lambda p: p.update(guards_code=[guard])))).module()
+    assert not marker.exists()
+    with contextlib.suppress(Exception):
+        module(torch.randn(1, 3, 32, 32))
     assert marker.exists()
 
 
