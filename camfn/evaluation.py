@@ -293,14 +293,18 @@ def _graph_fingerprint(model: nn.Module, hooks: HookPolicy = "error") -> str:
     return h.hexdigest()
 
 
+def _hash_item(h: Any, it: Item) -> None:
+    """Feed one item (image, label, box) to the running hash ``h`` of a shard's items."""
+    h.update(_digest([it.image]).encode())
+    h.update(repr(it.label).encode())
+    h.update(_digest([it.box]).encode() if it.box is not None else b"-")
+
+
 def _items_digest(dataset: Any, indices: range) -> str:
-    """A hash of every item of a shard (image, label and box): a changed item changes it."""
+    """A hash of every item of a shard: a changed image, label or box changes it."""
     h = hashlib.sha1()
     for i in indices:
-        it = item(dataset[i], i)
-        h.update(_digest([it.image]).encode())
-        h.update(repr(it.label).encode())
-        h.update(_digest([it.box]).encode() if it.box is not None else b"-")
+        _hash_item(h, item(dataset[i], i))
     return h.hexdigest()
 
 
@@ -355,10 +359,16 @@ def _check_shard(shard: Any, indices: range, names: Sequence[str]) -> None:
 
 
 def _finished(
-    path: Path, key: str, indices: range, items: str, names: Sequence[str], warn: Callable[[str], None]
+    path: Path,
+    key: str,
+    indices: range,
+    items_digest: Callable[[], str],
+    names: Sequence[str],
+    warn: Callable[[str], None],
 ) -> dict[str, Any] | None:
     """The shard's contents when it is complete, intact and was written for this configuration and these data
-    items, else None (with a warning when a file is there but damaged or stale)."""
+    items (``items_digest()``, computed only when a file is there), else None (with a warning when a file is
+    there but damaged or stale)."""
     entry_path = path.with_suffix(".json")
     if not path.is_file() or not entry_path.is_file():
         return None
@@ -369,6 +379,7 @@ def _finished(
         return None
     if entry["key"] != key:
         return None  # written by an interrupted run of another configuration
+    items = items_digest()
     if entry["items"] != items:
         warn(f"the data items of {path.name} changed since it was written; recomputing it")
         return None
@@ -466,8 +477,9 @@ def _score(
     return (result.auc if isinstance(result, _metrics.Curve) else result).double()
 
 
-def _batch(dataset: Any, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    items = [item(dataset[i], i) for i in indices]
+def _batch(
+    items: Sequence[Item], indices: Sequence[int], device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     shapes = {tuple(it.image.shape) for it in items}
     if len(shapes) > 1:
         raise InputError(
@@ -524,8 +536,13 @@ def _shard(
     metric values and are never scored.
     """
     maps, classes, failures, values = [], [], [], {n: [] for n in names}
+    digest = hashlib.sha1()
     for lo in range(indices.start, indices.stop, batch_size):
-        x, labels, boxes = _batch(dataset, range(lo, min(lo + batch_size, indices.stop)), device)
+        batch = range(lo, min(lo + batch_size, indices.stop))
+        items = [item(dataset[i], i) for i in batch]
+        for it in items:
+            _hash_item(digest, it)
+        x, labels, boxes = _batch(items, batch, device)
         with torch.no_grad():
             logits = apply(model, params, x, hooks=hooks)
         ok = _finite(x) & (_finite(logits) if isinstance(logits, Tensor) else torch.ones_like(_finite(x)))
@@ -560,6 +577,7 @@ def _shard(
         "targets": torch.cat(classes),
         "failed": torch.cat(failures),
         "metrics": {n: torch.cat(v) for n, v in values.items()},
+        "items": digest.hexdigest(),
     }
 
 
@@ -717,12 +735,11 @@ def evaluate(
         failed: list[int] = []
         for i in range(group.rank, len(ranges), group.world):
             path, indices = _shard_path(out, i), ranges[i]
-            items = _items_digest(dataset, indices)
-            shard = _finished(path, key, indices, items, active, warn)
+            shard = _finished(path, key, indices, lambda r=indices: _items_digest(dataset, r), active, warn)
             if shard is None:
                 shard = _shard(run, model, params, dataset, indices, batch_size, target, active, options, device, hooks)
                 shard.update(maps=shard["maps"].to(maps_dtype), indices=torch.tensor(list(indices)), key=key)
-                shard["items"] = items
+                items = shard["items"]
                 data = _saved(shard)
                 write_bytes(path, data)
                 entry = {"shard": i, "file": f"maps/{path.name}", "start": indices.start, "stop": indices.stop}

@@ -290,18 +290,23 @@ def _raw_payloads(configs: dict[str, Any]) -> set[str]:
     return raw
 
 
-def check_exported(data: bytes, name: str = "<bytes>") -> None:
-    """Refuse a ``torch.export`` archive (the bytes of a ``.pt2``) that could run code when loaded or run.
+def check_exported(data: bytes, name: str = "<bytes>") -> bytes:
+    """Refuse a ``torch.export`` archive (the bytes of a ``.pt2``) that could run code when loaded or run;
+    return the inspected entries as a fresh archive (what ``torch.export.load`` may then read).
 
     Raises :class:`~camfn.errors.UnsafeFileError` naming ``name`` and the entry, or
-    :class:`~camfn.errors.InputError` for a file that is not a zip archive. See :mod:`camfn.files`.
+    :class:`~camfn.errors.InputError` for a file that is not a zip archive. See :mod:`camfn.files`. The
+    returned archive is rebuilt from exactly the bytes inspected (no duplicate names, no data outside the
+    entries), so torch's own zip reader cannot see anything the inspection did not.
 
     Example:
         >>> import io, torch
         >>> from camfn.files import check_exported
         >>> buffer = io.BytesIO()
         >>> torch.export.save(torch.export.export(torch.nn.ReLU(), (torch.randn(2),)), buffer)
-        >>> check_exported(buffer.getvalue(), "relu.pt2")  # a plain export passes
+        >>> clean = check_exported(buffer.getvalue(), "relu.pt2")  # a plain export passes
+        >>> torch.export.load(io.BytesIO(clean)).module()(torch.tensor([-1.0, 2.0]))
+        tensor([0., 2.])
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -314,6 +319,11 @@ def check_exported(data: bytes, name: str = "<bytes>") -> None:
         if sum(i.file_size for i in infos) > MAX_FILE_BYTES:
             raise UnsafeFileError(f"{name}: its entries declare more than {MAX_FILE_BYTES >> 30} GiB (a zip bomb?)")
         names = [i.filename for i in infos if not i.is_dir()]
+        if len(set(names)) != len(names):
+            raise UnsafeFileError(
+                f"{name}: the archive holds two entries of one name; re-save it with torch.export.save"
+            )
+        contents = {n: archive.read(n) for n in names}
         prefixes = {n.split("/", 1)[0] + "/" for n in names if "/" in n}
         prefix = prefixes.pop() if len(prefixes) == 1 and all("/" in n for n in names) else ""
 
@@ -328,7 +338,7 @@ def check_exported(data: bytes, name: str = "<bytes>") -> None:
         for entry, rel in relative.items():
             if rel.endswith(".json"):
                 try:
-                    parsed[rel] = json.loads(archive.read(entry).decode("utf-8"))
+                    parsed[rel] = json.loads(contents[entry].decode("utf-8"))
                 except (ValueError, UnicodeDecodeError) as e:
                     raise refuse(entry, f"it is not valid JSON ({type(e).__name__})") from None
         configs = {
@@ -349,20 +359,25 @@ def check_exported(data: bytes, name: str = "<bytes>") -> None:
                 continue
             if base.startswith(("custom_obj", "opaque_obj")) or rel.startswith("data/aotinductor/"):
                 raise refuse(entry, "it holds a Python object or compiled code, not tensors")
-            why = _tensor_refusal(archive.read(entry))
+            why = _tensor_refusal(contents[entry])
             if why:
                 raise refuse(entry, why)
+    clean = io.BytesIO()
+    with zipfile.ZipFile(clean, "w", zipfile.ZIP_STORED) as out:
+        for entry, payload in contents.items():
+            out.writestr(entry, payload)
+    return clean.getvalue()
 
 
 def load_exported(path: Path) -> Any:
     """A ``torch.export.ExportedProgram`` from a ``.pt2`` file, after :func:`check_exported` of its bytes.
 
-    The file is read once; the inspected bytes are what ``torch.export.load`` reads (no second read of the path).
+    The file is read once; ``torch.export.load`` reads the archive rebuilt from the inspected entries (no
+    second read of the path).
     """
-    data = _read(path, "model file")
-    check_exported(data, str(path))
+    clean = check_exported(_read(path, "model file"), str(path))
     try:
-        return torch.export.load(io.BytesIO(data))
+        return torch.export.load(io.BytesIO(clean))
     except Exception as e:
         raise InputError(
             f"cannot load {path} with torch.export.load: {type(e).__name__}: {str(e)[:300]}. Save the program "

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import io
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -53,21 +52,19 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> Tensor:
     if path.is_dir():
         raise InputError(f"{path} is a folder; pass image files (e.g. {path}/*.jpg)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                w, h = image.size
-                if w * h > max_pixels:
-                    raise InputError(
-                        f"image {path} declares {w} x {h} pixels, more than camfn reads ({max_pixels}): a "
-                        "decompression bomb or a huge image; downscale it first"
-                    )
-                image.load()
-                try:
-                    return viz.as_image(image)
-                except InputError as e:
-                    raise InputError(f"image {path}: {e}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        with Image.open(path) as image:  # reads the header only; PIL refuses beyond 2 x its own limit
+            w, h = image.size
+            if w * h > max_pixels:
+                raise InputError(
+                    f"image {path} declares {w} x {h} pixels, more than camfn reads ({max_pixels}): a "
+                    "decompression bomb or a huge image; downscale it first"
+                )
+            image.load()
+            try:
+                return viz.as_image(image)
+            except InputError as e:
+                raise InputError(f"image {path}: {e}") from None
+    except Image.DecompressionBombError as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         if isinstance(e, InputError):

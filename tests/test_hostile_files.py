@@ -142,6 +142,15 @@ def rebuild(data: bytes, replace: dict[str, bytes | None]) -> bytes:
     return out.getvalue()
 
 
+def duplicated(data: bytes, name: str, payload: bytes) -> bytes:
+    """The archive with a second entry called ``name`` (zip readers disagree on which one counts)."""
+    out = io.BytesIO(data)
+    with warnings.catch_warnings(), zipfile.ZipFile(out, "a") as z:
+        warnings.simplefilter("ignore", UserWarning)  # zipfile: "Duplicate name"
+        z.writestr(name, payload)
+    return out.getvalue()
+
+
 def edit_program(sb: Sandbox, edit: Callable[[dict], None]) -> bytes:
     name = sb.prefix + "models/model.json"
     program = json.loads(zipfile.ZipFile(io.BytesIO(sb.pt2)).read(name))
@@ -269,6 +278,11 @@ ARCHIVES: dict[str, tuple[Callable[[Sandbox], bytes], type[Exception], str]] = {
         lambda sb: rebuild(sb.pt2, {sb.prefix + "models/model.json": b'{"graph_module": '}),
         UnsafeFileError,
         "is not valid JSON",
+    ),
+    "duplicate entry names": (
+        lambda sb: duplicated(sb.pt2, sb.prefix + "models/model.json", b'{"guards_code": ["evil"]}'),
+        UnsafeFileError,
+        "two entries of one name",
     ),
     "not a zip file": (lambda sb: b"hello, not an archive", InputError, "not a torch.export archive"),
     "truncated archive": (lambda sb: sb.pt2[: len(sb.pt2) // 2], InputError, "not a torch.export archive"),
