@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -488,22 +489,29 @@ def _eval(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     options = {n: {"steps": args.steps} for n in names if n in ("deletion", "insertion") and args.steps is not None}
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.maps_dtype]
-    report = ev.evaluate(
-        methods[0],
-        module,
-        data,
-        args.layer or loaded.layer,
-        out_dir=args.out,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        target=_eval_target(args.target, loaded.classes),
-        metrics=names,
-        metric_options=options,
-        maps_dtype=dtype,
-        device=device,
-        hooks=loaded.hooks,
-        log=None if args.quiet else _log_line,
-    )
+
+    def log(line: str) -> None:  # warnings (damaged shards recomputed) are shown even with --quiet
+        if not args.quiet or line.startswith("warning:"):
+            _log_line(line)
+
+    with warnings.catch_warnings():  # evaluate() both warns and logs each warning: print it once, via log
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"camfn\.evaluation")
+        report = ev.evaluate(
+            methods[0],
+            module,
+            data,
+            args.layer or loaded.layer,
+            out_dir=args.out,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            target=_eval_target(args.target, loaded.classes),
+            metrics=names,
+            metric_options=options,
+            maps_dtype=dtype,
+            device=device,
+            hooks=loaded.hooks,
+            log=log,
+        )
     if rank == 0:
         for name, reason in report["skipped"].items():
             _say(args, f"note: {name} skipped: {reason}", err=True)

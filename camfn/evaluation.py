@@ -699,7 +699,7 @@ def evaluate(
     say = log or (lambda line: None)
 
     def warn(text: str) -> None:
-        warnings.warn(text, stacklevel=3)
+        warnings.warn(text, stacklevel=2)
         say(f"warning: {text}")
 
     if (out / "config.json").is_file():

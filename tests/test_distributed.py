@@ -361,3 +361,19 @@ def test_a_changed_forward_with_the_same_parameters_is_refused(tmp_path):
     model.temperature = -3.0  # same parameters, another forward: the shards would be stale
     with pytest.raises(camfn.OptionError, match=r"differs in: forward\)"):
         evaluate("gradcam", model, data, "net.conv2", out_dir=tmp_path / "run", metrics=["confidence"])
+
+
+def test_cli_eval_reports_a_repaired_shard_once(tmp_path, capsys):
+    args = ["eval", "shapes", "--samples", "4", "--size", "32", "--shard-size", "2", "--metrics", "confidence"]
+    args += ["--out", str(tmp_path), "-q"]
+    assert cli.main(args) == 0
+    first = (tmp_path / "report.json").read_bytes()
+    shard = tmp_path / "maps" / "shard_00001.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("does not match its checksum") == 1 and err.startswith("warning: ")  # shown despite -q
+    assert (tmp_path / "report.json").read_bytes() == first
