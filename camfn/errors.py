@@ -24,8 +24,8 @@ class CamfnError(Exception):
     """Base class of every error camfn raises on purpose."""
 
 
-class InputError(CamfnError, ValueError):
-    """The input tensor cannot be explained as given (dtype, shape)."""
+class InputError(CamfnError, ValueError, TypeError):
+    """An argument cannot be explained as given: ``x`` (dtype, shape, values), ``params``, the model."""
 
 
 class UnsafeFileError(InputError):
@@ -59,7 +59,7 @@ class TraceError(CamfnError, RuntimeError):
     """torch.fx could not trace the model."""
 
 
-class OptionError(CamfnError, TypeError):
+class OptionError(CamfnError, ValueError, TypeError):
     """An unknown keyword option or an option value of the wrong kind."""
 
 

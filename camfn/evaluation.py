@@ -75,9 +75,10 @@ from . import metrics as _metrics
 from . import targets as _targets
 from .errors import CamfnError, DamagedFileError, InputError, OptionError, TargetError, nearest
 from .files import check_folder, load_tensors, read_json, write_bytes, write_json
-from .forward import Params, apply
-from .forward import params as params_of
-from .graph import HookPolicy, default_layer
+from .hooks import HookPolicy
+from .layer_names import default_layer
+from .tracing import Params, apply
+from .tracing import params as params_of
 
 __all__ = ["BOX_METRICS", "DEFAULT_METRICS", "MODEL_METRICS", "Item", "evaluate", "item", "shard_ranges"]
 
@@ -271,11 +272,11 @@ def _params_digest(params: Params) -> str:
 
 def _graph_fingerprint(model: nn.Module, hooks: HookPolicy = "error") -> str:
     """A hash of what the model's forward computes apart from its tensors: the code of the traced graph
-    (``camfn.graph.trace(model).module.code``: Python constants used in ``forward`` appear in it) and every
+    (``camfn.tracing.trace(model).module.code``: Python constants used in ``forward`` appear in it) and every
     module's type, settings (``extra_repr``: stride, padding, eps ...) and plain Python attributes (numbers,
     strings, tuples, ``training``), which covers a changed attribute even where a trace cache is stale. A model
     fx cannot trace is fingerprinted by its modules only. The one place that knows the tracing API."""
-    from .graph import trace
+    from .tracing import trace
 
     h = hashlib.sha1()
     try:

@@ -44,12 +44,13 @@ from torch import Tensor, nn
 
 from .checkpoints import maps_over_params
 from .checks import check_input, check_model
+from .chunks import chunked
+from .driver import num_classes
 from .errors import InputError, OptionError, TargetError
-from .forward import Params, apply, chunked
-from .graph import HookPolicy, trace
-from .methods.core import num_classes
+from .hooks import HookPolicy
 from .noise import Seed, gaussian
 from .targets import classes
+from .tracing import Params, apply, trace
 
 __all__ = [
     "Curve",
@@ -187,7 +188,7 @@ def confidence(
     .. math:: Y_b = \mathrm{softmax}(f(x_b))_{c_b}
 
     ``target``: an int, a ``(B,)`` long tensor, or ``None`` for the top-1 class of each sample.
-    ``hooks``: as in :func:`camfn.graph.trace`.
+    ``hooks``: as in :func:`camfn.tracing.trace`.
 
     Example:
         >>> import torch, camfn
