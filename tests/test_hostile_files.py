@@ -142,6 +142,11 @@ def rebuild(data: bytes, replace: dict[str, bytes | None]) -> bytes:
     return out.getvalue()
 
 
+def planted(entry: str, payload: Callable[[Sandbox], bytes]) -> Callable[[Sandbox], bytes]:
+    """A builder of the clean archive with ``entry`` (under its top folder) set to ``payload(sandbox)``."""
+    return lambda sb: rebuild(sb.pt2, {sb.prefix + entry: payload(sb)})
+
+
 def duplicated(data: bytes, name: str, payload: bytes) -> bytes:
     """The archive with a second entry called ``name`` (zip readers disagree on which one counts)."""
     out = io.BytesIO(data)
@@ -192,48 +197,48 @@ def torchscript_bytes() -> bytes:
 
 ARCHIVES: dict[str, tuple[Callable[[Sandbox], bytes], type[Exception], str]] = {
     "legacy weights pickle": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/weights/model.pt": torch_saved(Touch(sb.marker))}),
+        planted("data/weights/model.pt", lambda sb: torch_saved(Touch(sb.marker))),
         UnsafeFileError,
         r"entry '.*data/weights/model\.pt'.*asks for the Python object",
     ),
     "legacy constants pickle": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/constants/model.pt": torch_saved(Touch(sb.marker))}),
+        planted("data/constants/model.pt", lambda sb: torch_saved(Touch(sb.marker))),
         UnsafeFileError,
         r"data/constants/model\.pt",
     ),
     "raw pickle as legacy weights": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/weights/model.pt": pickle.dumps(Touch(sb.marker))}),
+        planted("data/weights/model.pt", lambda sb: pickle.dumps(Touch(sb.marker))),
         UnsafeFileError,
         r"does not load with torch\.load\(weights_only=True\)",
     ),
     "weight marked use_pickle": (pickled_weight, UnsafeFileError, r"data/weights/weight_"),
     "opaque constant": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/constants/opaque_obj_0": pickle.dumps(Touch(sb.marker))}),
+        planted("data/constants/opaque_obj_0", lambda sb: pickle.dumps(Touch(sb.marker))),
         UnsafeFileError,
         "holds a Python object or compiled code",
     ),
     "custom object constant": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/constants/custom_obj_0": b"\x80\x04N."}),
+        planted("data/constants/custom_obj_0", lambda sb: b"\x80\x04N."),
         UnsafeFileError,
         "holds a Python object or compiled code",
     ),
     "sample inputs pickle": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/sample_inputs/model.pt": torch_saved(Touch(sb.marker))}),
+        planted("data/sample_inputs/model.pt", lambda sb: torch_saved(Touch(sb.marker))),
         UnsafeFileError,
         r"data/sample_inputs/model\.pt",
     ),
     "unknown pickle entry": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/extra.bin": pickle.dumps(Touch(sb.marker))}),
+        planted("data/extra.bin", lambda sb: pickle.dumps(Touch(sb.marker))),
         UnsafeFileError,
         r"data/extra\.bin",
     ),
     "TorchScript entry": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/weights/model.pt": torchscript_bytes()}),
+        planted("data/weights/model.pt", lambda sb: torchscript_bytes()),
         UnsafeFileError,
         "TorchScript archive",
     ),
     "AOTInductor library": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "data/aotinductor/model/model.so": b"\x7fELF"}),
+        planted("data/aotinductor/model/model.so", lambda sb: b"\x7fELF"),
         UnsafeFileError,
         "compiled code",
     ),
@@ -275,7 +280,7 @@ ARCHIVES: dict[str, tuple[Callable[[Sandbox], bytes], type[Exception], str]] = {
         "range constraint .* is not a symbol name",
     ),
     "program is not JSON": (
-        lambda sb: rebuild(sb.pt2, {sb.prefix + "models/model.json": b'{"graph_module": '}),
+        planted("models/model.json", lambda sb: b'{"graph_module": '),
         UnsafeFileError,
         "is not valid JSON",
     ),
