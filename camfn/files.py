@@ -159,7 +159,9 @@ def load_tensors(path: Path, what: str = "tensor file") -> Any:
 
 # --------------------------------------------------------------------------------------------- .pt2 inspection
 _TEXT_ENTRIES = {"archive_format", "archive_version", "version", "byteorder", ".data/version", ".data/serialization_id"}
-_OPERATOR = re.compile(r"torch\.ops\.(aten|prims|higher_order|quantized_decomposed)\.[A-Za-z_]\w*(\.[A-Za-z_]\w*)?")
+_OPERATOR = re.compile(  # a registered operator of a known namespace; no dunder attribute (``__call__``) anywhere
+    r"torch\.ops\.(aten|prims|higher_order|quantized_decomposed|torchvision)\.(?!__)[A-Za-z_]\w*(\.(?!__)[A-Za-z_]\w*)?"
+)
 _SAFE_OPERATORS = {
     "_operator": {
         "getitem", "add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "neg", "pos", "abs", "eq", "ne",

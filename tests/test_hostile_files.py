@@ -272,6 +272,16 @@ ARCHIVES: dict[str, tuple[Callable[[Sandbox], bytes], type[Exception], str]] = {
         UnsafeFileError,
         "calls 'torch.hub.load'",
     ),
+    "node calls torch.ops.load_library": (
+        lambda sb: edit_program(sb, lambda p: first_node(p).update(target="torch.ops.load_library.__call__")),
+        UnsafeFileError,
+        "calls 'torch.ops.load_library.__call__'",
+    ),
+    "node calls a dunder of an operator": (
+        lambda sb: edit_program(sb, lambda p: first_node(p).update(target="torch.ops.aten.__class__.__init__")),
+        UnsafeFileError,
+        "which is not a torch.ops operator",
+    ),
     "range constraint expression": (
         lambda sb: edit_program(
             sb, lambda p: p["range_constraints"].update({"__import__('os')": {"min_val": 0, "max_val": 1}})
