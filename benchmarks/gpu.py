@@ -218,12 +218,19 @@ def run(argv: list[str] | None = None) -> int:
         return out
 
     listed = classes.tolist()
+
+    def installed(library: str, method: str) -> bool:
+        if version(library) != "not installed":
+            return True
+        rows.append(Row(method, library, "eager", note="not installed here"))
+        return False
+
     for name in args.methods:
         method = race.BY_NAME[name]
         options = {"chunk_size": args.forward_batch} if method.slow else {}
         fn = functools.partial(camfn.METHODS[name], models["camfn"], params, x, args.layer, classes, **options)
         eager_maps[name] = contend(Row(name, "camfn", "eager"), fn, method.slow)
-        if method.gradcam is not None:
+        if method.gradcam is not None and installed("grad-cam", name):
             extractor, release = race.gradcam_extractor(method, models["grad-cam"], args.layer)
             extractor.batch_size = args.forward_batch  # ScoreCAM and AblationCAM read it
             try:
@@ -233,7 +240,7 @@ def run(argv: list[str] | None = None) -> int:
                 report(False)
             finally:
                 release()
-        if method.torchcam is not None:
+        if method.torchcam is not None and installed("torchcam", name):
             extractor, release = race.torchcam_extractor(method, models["torchcam"], args.layer, args)
             extractor.bs = args.forward_batch  # the Score-CAM family's forward batch
             how = method.torchcam_call

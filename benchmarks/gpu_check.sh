@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: camfn's CUDA tests, then a short GPU race (benchmarks/gpu.py), written to
-# benchmarks/results/gpu.md. Under 8 minutes on one H100/H200-class GPU: each stage has a time budget.
+# benchmarks/results/gpu.md. Planned for under 8 minutes on one H100/H200-class GPU: each stage has a budget.
 #
 #   bash benchmarks/gpu_check.sh
 #
-# Python: $CAMFN_PYTHON, else .venv/bin/python (make test's), else a venv ($CAMFN_GPU_VENV, default
-# /tmp/camfn-gpu-venv) made on top of python3
-# with --system-site-packages (a GPU image's own CUDA torch is used, not downloaded again), into which the
-# project is installed with its test extras (pip; wheels from $CAMFN_WHEELS or .whl when that folder
-# exists, for machines without an index). What pip cannot install is reported, and camfn still runs from
-# this checkout (PYTHONPATH). Without a CUDA device it prints "no CUDA: ..." and exits 0 at once.
+# Python: $CAMFN_PYTHON, else .venv/bin/python (make test's), else python3 when it already has a CUDA torch
+# (a GPU image's own), else a new venv ($CAMFN_GPU_VENV, default /tmp/camfn-gpu-venv) with torch from pip.
+# The project is installed into it with its test extras (pip; from the wheels in $CAMFN_WHEELS or .whl when
+# that folder exists, for machines without an index); where pip cannot, only what the check needs, and camfn
+# runs from this checkout either way (PYTHONPATH). Without a CUDA device it prints "no CUDA: ..." and exits
+# 0 at once, leaving the results alone.
 # Budgets (seconds): CAMFN_GPU_TEST_SECONDS (default 150), CAMFN_GPU_RACE_SECONDS (default 270);
 # CAMFN_GPU_RACE_ARGS: extra options for benchmarks/gpu.py (e.g. "--compiled" to time eager calls only).
 set -euo pipefail
@@ -41,23 +41,28 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     fi
 fi
 
-# 2. The environment
-if [[ -z ${CAMFN_PYTHON:-} && ! -x .venv/bin/python ]]; then
-    venv=${CAMFN_GPU_VENV:-${TMPDIR:-/tmp}/camfn-gpu-venv}
-    [[ -x $venv/bin/python ]] || "$python" -m venv --system-site-packages "$venv"
+# 2. The environment: a python whose torch uses the GPU, then the project with its test extras in it
+if [[ -z ${CAMFN_PYTHON:-} && ! -x .venv/bin/python ]] && ! "$python" -c "$cuda_probe" >/dev/null 2>&1; then
+    venv=${CAMFN_GPU_VENV:-${TMPDIR:-/tmp}/camfn-gpu-venv} # python3 has no CUDA torch: a venv of our own
+    [[ -x $venv/bin/python ]] || "$python" -m venv "$venv"
     python=$venv/bin/python
-    wheels=${CAMFN_WHEELS:-.whl}
-    pip=("$python" -m pip install -q --no-build-isolation --retries 1 --timeout 15)
-    [[ -d $wheels ]] && pip+=(--no-index --find-links "$wheels")
-    if ! "${pip[@]}" -e '.[test]'; then
-        echo "note: pip could not install .[test]; trying what the check needs (pytest, grad-cam, torchcam)"
-        "${pip[@]}" -e . pytest hypothesis grad-cam==1.5.7 torchcam==0.5.0 ||
-            echo "note: installing those failed too; camfn runs from this checkout, missing libraries show as '-'"
-    fi
+    "$python" -m pip install -q torch torchvision || echo "note: pip could not install torch into $venv"
 fi
 if ! "$python" -c "$cuda_probe"; then
     echo "no CUDA: $python cannot use the GPU (a CPU-only torch?); set CAMFN_PYTHON to a CUDA-enabled python"
     exit 0
+fi
+wheels=${CAMFN_WHEELS:-.whl} # for machines without a package index: pip download ... -d .whl (README)
+pip=("$python" -m pip install -q --no-build-isolation --retries 0 --timeout 15)
+[[ -d $wheels ]] && pip+=(--no-index --find-links "$wheels")
+if ! "${pip[@]}" -e '.[test]' >/dev/null 2>&1; then
+    echo "note: pip could not install .[test] here (no index?); installing what the check needs, one by one"
+    "${pip[@]}" --no-deps -e . >/dev/null 2>&1 || echo "note: camfn itself runs from this checkout (PYTHONPATH)"
+    for need in pytest:pytest hypothesis:hypothesis grad-cam==1.5.7:pytorch_grad_cam torchcam==0.5.0:torchcam \
+        ttach:ttach; do
+        "$python" -c "import ${need#*:}" 2>/dev/null || "${pip[@]}" --no-deps "${need%%:*}" >/dev/null 2>&1 ||
+            echo "note: ${need%%:*} is missing (its tests and race columns show as skipped or '-')"
+    done
 fi
 echo "python: $python ($((SECONDS - start)) s so far)"
 
