@@ -45,9 +45,14 @@ from torch import Tensor
 from . import viz
 from .cli import Model, Sample, _as_map, _demo_sample, _run_method, load_image, load_model, preprocess
 from .errors import CamfnError, InputError, OptionError, TargetError
-from .forward import params
-from .graph import default_layer, layers
 from .methods import METHODS
+
+try:  # where the core split graph.py/forward.py (main): layer listing and params have these homes
+    from .layer_names import default_layer, layers
+    from .tracing import params
+except ImportError:  # before that split; the merge can drop this fallback
+    from .forward import params
+    from .graph import default_layer, layers
 
 __all__ = [
     "Explanation",
