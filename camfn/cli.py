@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``camfn`` (sub-commands ``explain``, ``eval``, ``layers``, ``methods``)."""
     parser = argparse.ArgumentParser(prog="camfn", description="Class activation maps (Grad-CAM family) for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected failures")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods,app}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="shapes", help="shapes (default), a torchvision or timm name, or a .pt2 file")
@@ -592,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list the methods")
     me.set_defaults(run=_list_methods)
+
+    from .app import add_parser as add_app_parser  # camfn app: the web explorer (extra camfn[app])
+
+    add_app_parser(sub)
     return parser
 
 
