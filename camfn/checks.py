@@ -36,13 +36,24 @@ def check_input(x: object) -> Tensor:
     return x
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse BatchNorm layers that normalise with batch statistics (train mode, or no running stats).
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
-    Such layers make a sample's map depend on the rest of the batch and cannot run under ``vmap``.
-    camfn never switches the mode itself: that would change the user's module.
+
+def check_model(model: nn.Module) -> None:
+    """One mode policy: refuse every module whose train mode changes what it computes.
+
+    BatchNorm in train mode (or without running statistics) makes a sample's map depend on the rest of the
+    batch and cannot run under ``vmap``; Dropout in train mode makes two calls give two different maps.
+    Modules whose train mode computes the same (Linear, Conv, ...) are fine. camfn never switches the mode
+    itself: that would change the user's module.
     """
     for path, module in model.named_modules():
+        if isinstance(module, _DROPOUT) and module.training and module.p > 0:
+            raise ModeError(
+                f"{type(module).__name__} {path or '<model>'!r} is in train mode, so every call would drop other "
+                "units at random and two calls would give different maps. Call model.eval() before explaining "
+                "(camfn never switches modes on your model); copy.deepcopy(model).eval() keeps the original as is"
+            )
         if isinstance(module, nn.modules.batchnorm._NormBase) and isinstance(
             module, nn.modules.batchnorm._BatchNorm | nn.SyncBatchNorm
         ):

@@ -140,6 +140,7 @@ SHARED: dict[str, Option] = {
     "layout": Option(None, _any),  # validated against the layer's shape by camfn.layout
     "output": Option(None, _output),
     "progress": Option(False, boolean),
+    "nonfinite": Option("raise", choice("raise", "nan")),
 }
 """Options every method takes, with their defaults."""
 

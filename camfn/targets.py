@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -79,10 +80,37 @@ def logit(c: int | Tensor) -> ScoreFn:
 
 
 def _class_index(c: int | Tensor | None, output: Tensor) -> Tensor:
-    """Class indices ``(B, 1)`` for ``c`` (an int, a ``(B,)`` tensor, or ``None``: the top-1 class)."""
+    """Class indices ``(B, 1)`` for ``c`` (an int, a ``(B,)`` tensor, or ``None``: the top-1 class), checked
+    against the number of classes."""
     if c is None:
         return output.argmax(1, keepdim=True)
-    return torch.as_tensor(c, device=output.device).expand(output.shape[0]).reshape(-1, 1)
+    index = _as_index(c, "class").to(output.device)
+    _check_range(index, output.shape[1])
+    if index.ndim > 1 or (index.ndim == 1 and index.shape[0] not in (1, output.shape[0])):
+        raise TargetError(
+            f"class {tuple(index.shape)} does not fit a batch of {output.shape[0]}: "
+            f"pass an int or a ({output.shape[0]},) tensor"
+        )
+    return index.expand(output.shape[0]).reshape(-1, 1)
+
+
+def _as_index(c: object, what: str) -> Tensor:
+    """``c`` (an int, a sequence or a tensor of ints) as a long tensor; anything else is a TargetError."""
+    if isinstance(c, bool) or (isinstance(c, Tensor) and c.dtype == torch.bool):
+        raise TargetError(f"{what} {c!r} is a bool; pass a class index (int) or a long tensor of indices")
+    if isinstance(c, int) and not -(2**63) <= c < 2**63:
+        raise TargetError(f"{what} {c} is not a valid class index (out of the int64 range)")
+    if isinstance(c, Tensor):
+        if c.is_floating_point() or c.is_complex():
+            raise TargetError(f"{what} has dtype {c.dtype}; class indices must be integers (.long())")
+        return c.long()
+    try:
+        t = torch.as_tensor(c)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise TargetError(f"{what} {c!r} is not a class index or a list of them ({err})") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TargetError(f"{what} {c!r} must be integer class indices, got {t.dtype}")
+    return t.long()
 
 
 def _logits(output: object, what: str) -> Tensor:
@@ -137,18 +165,24 @@ def contrastive(
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int")
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) or gamma < 0:
+        raise TargetError(f"gamma={gamma!r}: the comparison strength must be a finite number >= 0 (0: the plain logit)")
+    rivals = None if others is None else _as_index(others, "others")
+    if rivals is not None and rivals.numel() == 0:
+        raise TargetError("others is empty: pass the classes to contrast with, or others=None for the k closest")
 
     def score(output: Tensor) -> Tensor:
         output = _logits(output, "contrastive")
         index = _class_index(c, output)
         if others is None:
-            if k >= output.shape[1]:
-                raise TargetError(f"k={k} but the model has only {output.shape[1]} classes; use k < num_classes")
+            if output.shape[1] < 2:
+                raise TargetError("contrastive needs at least two classes")
             is_c = torch.arange(output.shape[1], device=output.device) == index
             rest = torch.where(is_c, torch.full_like(output, -torch.inf), output)
-            other = rest.topk(k, 1).indices
+            other = rest.topk(min(k, output.shape[1] - 1), 1).indices  # k capped at the classes there are
         else:
-            other = torch.as_tensor(others, device=output.device).long()
+            other = rivals.to(output.device)
+            _check_range(other, output.shape[1])
             other = other.reshape(1, -1) if other.ndim < 2 else other
             other = other.expand(output.shape[0], other.shape[1])
         return output.gather(1, index).squeeze(1) - gamma * output.gather(1, other).mean(1)
@@ -349,7 +383,7 @@ def classes(
     if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
         raise TargetError("target is a bool; pass a class index (int) or a long tensor of class indices")
     if isinstance(target, int):
-        _check_range(torch.tensor([target]), num_classes)
+        _check_range(_as_index(target, "target class"), num_classes)
         return (lambda out: torch.full((out.shape[0], 1), target, dtype=torch.long, device=out.device)), True
     if not isinstance(target, Tensor):
         raise TargetError(
@@ -373,6 +407,8 @@ def classes(
 
 def _check_range(target: Tensor, num_classes: int | None) -> None:
     if num_classes is None or not concrete(target):
+        return
+    if target.numel() == 0:
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
@@ -441,6 +477,11 @@ def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:
         if not isinstance(s, Tensor) or s.ndim not in (1, 2) or s.shape[0] != batch:
             got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise TargetError(f"the target callable returned {got}; it must return ({batch},) or ({batch}, T) scores")
+        if not s.is_floating_point():
+            raise TargetError(
+                f"the target callable returned {s.dtype} scores; a score must be a float tensor that depends on the "
+                "output (e.g. output[:, c], not output.argmax(1))"
+            )
         return s
 
     return score

@@ -361,6 +361,12 @@ def _tracer_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
 def _check_module(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}")
+    if type(model).forward is nn.Module.forward:  # _forward_unimplemented: a wrapper that overrides __call__
+        raise InputError(
+            f"{type(model).__name__} has no forward() (it overrides __call__), so it cannot be traced as a module. "
+            "Define forward, or explain it as a function: "
+            "model_fn = lambda p, x: torch.func.functional_call(model, p, (x,))"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError("TorchScript modules cannot be traced; explain the original nn.Module instead.")
     return model
