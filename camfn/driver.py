@@ -156,7 +156,7 @@ class Layer:
 
     def score_inputs(self, inputs: Tensor) -> Tensor:
         """Scores ``(c, B, T)`` of a chunk of perturbed inputs ``(c, B, C, *spatial)`` (the whole network)."""
-        return _score_chunk(self.call.forward_network(), self.call.score, inputs)
+        return _score_chunk(self.call.forward_network(), self.call.score, inputs, flat=self.call.trace.batch is None)
 
     def score_ablated(self, maps: Tensor) -> Tensor:
         """Scores ``(c, B, T)`` with the layer's activation replaced by ``maps`` ``(c, B, K, *spatial)``
@@ -171,7 +171,8 @@ class Layer:
             back = pull_back(self.to_maps, like, (maps - base).flatten(0, 1)).unflatten(0, maps.shape[:2])
             maps = self.raw.unsqueeze(0) + back
         fast, tail = self._fast, self.cut.tail
-        return _score_chunk(lambda *args: tail(fast, *args), self.call.score, maps, *self.extras)
+        flat = self.call.trace.batch is None
+        return _score_chunk(lambda *args: tail(fast, *args), self.call.score, maps, *self.extras, flat=flat)
 
     def gradients_at(self, inputs: Tensor) -> Tensor:
         """``dS/dA`` at this layer for a chunk of inputs ``(c, B, C, *spatial)`` with the call's target:
@@ -179,7 +180,8 @@ class Layer:
         call, b = self.call, self.x.shape[0]
         injected = inject(call.trace, [self.node])
         info = call.trace.node_shapes(self.x)["output"]
-        if isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], torch.Size):  # a tensor output
+        plain = isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], torch.Size)  # a tensor output
+        if plain and call.trace.batch is None:  # one batched pass (a graph fixed to B samples runs per copy)
 
             def flat_score(out: Tensor) -> Tensor:
                 return vmap(call.score)(out.unflatten(0, (-1, b))).flatten(0, 1)
@@ -195,15 +197,16 @@ def _as_bt(s: Tensor, batch: int) -> Tensor:
     return s.reshape(batch, -1)
 
 
-def _score_chunk(run: Callable[..., Any], score: Any, inputs: Tensor, *extras: Any) -> Tensor:
+def _score_chunk(run: Callable[..., Any], score: Any, inputs: Tensor, *extras: Any, flat: bool = True) -> Tensor:
     """Scores ``(c, B, T)`` of a chunk of perturbed inputs ``(c, B, ...)``.
 
     The network runs once on the flattened ``c * B`` batch (``vmap`` over the chunk costs ~60% more on
     CPU); tensor ``extras`` are repeated along. Non-tensor extras (sizes read before a cut) pin the batch
-    size, so those chunks run under ``vmap`` instead. Only the cheap score selection is ``vmap``-ed.
+    size, so those chunks run under ``vmap`` instead (as do graphs fixed to one batch size: ``flat=False``).
+    Only the cheap score selection is ``vmap``-ed.
     """
     c, b = inputs.shape[:2]
-    if all(isinstance(e, Tensor) and e.ndim and e.shape[0] == b for e in extras):
+    if flat and all(isinstance(e, Tensor) and e.ndim and e.shape[0] == b for e in extras):
         flat = [e.unsqueeze(0).expand(c, *e.shape).flatten(0, 1) for e in extras]
         batch = inputs.flatten(0, 1)
         if batch.ndim == 4 and not in_transform():  # see channels_last
@@ -497,7 +500,9 @@ def _check_dependence(call: _Call, grads: tuple[Tensor, ...]) -> None:
 
 
 def raise_model(model: object) -> None:
-    raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}")
+    raise InputError(
+        f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}; pass one of these"
+    )
 
 
 def _reduce(contributions: Tensor, eigen: bool) -> Tensor:

@@ -156,7 +156,7 @@ def validate(options: Mapping[str, Any], extras: Mapping[str, Option]) -> dict[s
             raise OptionError(
                 f"unknown option {key!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" Options: {list(known)}"
+                + f" Use one of: {list(known)}"
             )
         out[key] = spec.check(value, key)
     for key, spec in known.items():

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import OptionError, TargetError
-from .runtime import concrete
+from .runtime import concrete, peek
 
 __all__ = [
     "Output",
@@ -99,10 +99,12 @@ def _as_index(c: object, what: str) -> Tensor:
     if isinstance(c, bool) or (isinstance(c, Tensor) and c.dtype == torch.bool):
         raise TargetError(f"{what} {c!r} is a bool; pass a class index (int) or a long tensor of indices")
     if isinstance(c, int) and not -(2**63) <= c < 2**63:
-        raise TargetError(f"{what} {c} is not a valid class index (out of the int64 range)")
+        raise TargetError(
+            f"{what} {c} is not a valid class index (out of the int64 range); pass a class index of the model"
+        )
     if isinstance(c, Tensor):
         if c.is_floating_point() or c.is_complex():
-            raise TargetError(f"{what} has dtype {c.dtype}; class indices must be integers (.long())")
+            raise TargetError(f"{what} has dtype {c.dtype}; class indices must be integers: convert with .long()")
         return c.long()
     try:
         t = torch.as_tensor(c)
@@ -164,9 +166,14 @@ def contrastive(
         (tensor([ 1., -4.]), tensor([2.0000, 2.5000]), tensor([ 2.5000, -1.2500]))
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int")
+        raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int; pass k >= 1")
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) or gamma < 0:
-        raise TargetError(f"gamma={gamma!r}: the comparison strength must be a finite number >= 0 (0: the plain logit)")
+        raise TargetError(
+            f"gamma={gamma!r}: the comparison strength must be a finite number >= 0; "
+            "pass e.g. gamma=1.0 (0: the plain logit)"
+        )
+    if others is not None and not isinstance(others, Tensor | int) and len(others) == 0:
+        raise TargetError("others is empty: pass the classes to contrast with, or others=None for the k closest")
     rivals = None if others is None else _as_index(others, "others")
     if rivals is not None and rivals.numel() == 0:
         raise TargetError("others is empty: pass the classes to contrast with, or others=None for the k closest")
@@ -341,7 +348,10 @@ def pick(output: Any, selector: Output) -> Any:
             raise OptionError(f"output={selector!r}: the model returns a dict with keys {list(output)}; pick one")
         if hasattr(output, selector):
             return getattr(output, selector)
-        raise OptionError(f"output={selector!r}: the model returns a {type(output).__name__} without that attribute")
+        raise OptionError(
+            f"output={selector!r}: the model returns a {type(output).__name__} without that attribute; pass None "
+            "(the output as it is), a key or attribute it has, an index or a callable"
+        )
     if isinstance(selector, int) and not isinstance(selector, bool):
         if isinstance(output, tuple | list) and -len(output) <= selector < len(output):
             return output[selector]
@@ -391,14 +401,16 @@ def classes(
             "long tensor, or a callable output -> (B,) scores"
         )
     if target.is_floating_point() or target.is_complex():
-        raise TargetError(f"target has dtype {target.dtype}; class indices must be integers (target.long())")
+        raise TargetError(
+            f"target has dtype {target.dtype}; class indices must be integers: convert with target.long()"
+        )
     if target.ndim not in (1, 2) or target.shape[0] != batch:
         raise TargetError(
             f"target has shape {tuple(target.shape)} but the batch has {batch} sample(s); pass an int, "
             f"a ({batch},) tensor (one class per sample) or a ({batch}, T) tensor (T classes per sample)"
         )
     if target.ndim == 2 and target.shape[1] == 0:
-        raise TargetError("target has shape (B, 0): at least one class per sample is needed")
+        raise TargetError("target has shape (B, 0): pass at least one class per sample")
     _check_range(target, num_classes)
     squeeze = target.ndim == 1
     index = target.long().reshape(batch, -1)
@@ -406,15 +418,15 @@ def classes(
 
 
 def _check_range(target: Tensor, num_classes: int | None) -> None:
-    if num_classes is None or not concrete(target):
-        return
-    if target.numel() == 0:
+    target = peek(target) if num_classes is not None else None
+    if target is None or target.numel() == 0:
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise TargetError(
-            f"target class {bad} is out of range: the model has {num_classes} outputs (0..{num_classes - 1})"
+            f"target class {bad} is out of range: the model has {num_classes} outputs; "
+            f"pass a class in 0..{num_classes - 1}"
         )
 
 
@@ -480,7 +492,7 @@ def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:
         if not s.is_floating_point():
             raise TargetError(
                 f"the target callable returned {s.dtype} scores; a score must be a float tensor that depends on the "
-                "output (e.g. output[:, c], not output.argmax(1))"
+                "output: return e.g. output[:, c], not output.argmax(1)"
             )
         return s
 

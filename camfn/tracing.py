@@ -79,7 +79,8 @@ def params(model: nn.Module) -> Params:
     """
     if not isinstance(model, nn.Module):
         raise InputError(
-            f"camfn.params needs an nn.Module, got {type(model).__name__}; a model_fn's params are your own dict"
+            f"camfn.params needs an nn.Module, got {type(model).__name__}; for a model_fn pass your own dict of "
+            "tensors as params"
         )
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
@@ -110,6 +111,7 @@ class Traced:
     aliases: dict[str, tuple[str, ...]]  # tied parameters: key -> the other keys of the same tensor
     tracer: str = "fx"
     modules: frozenset[str] = frozenset()  # the model's module paths
+    batch: int | None = None  # the batch size the graph is fixed to (None: any)
     prefix_tokens: int | None = None
     cache: Cache = field(default_factory=Cache)
     checked: tuple | None = None  # the last params dict found valid (camfn.checks.check_params), and its tensors
@@ -125,7 +127,7 @@ class Traced:
     def complete(self, params: Params, reads: frozenset[str]) -> Params:
         """``params`` with every key in ``reads`` present (tied aliases, else the model's own tensors)."""
         if not isinstance(params, dict):
-            raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
+            raise InputError(f"params must be a dict of tensors, got {type(params).__name__}; pass camfn.params(model)")
         keys = params.keys()
         unknown = keys - self.state_keys
         if unknown:
@@ -170,7 +172,8 @@ class Traced:
             )
         raise LayerError(
             f"layer {layer!r} is neither a node nor a module path of the traced model. "
-            f"Nearest names: {', '.join(hint) or '(none)'}. camfn.layers(model, x) lists them all.{extra}"
+            f"Pick one of the nearest names: {', '.join(hint) or '(none)'}; "
+            f"camfn.layers(model, x) lists them all.{extra}"
         )
 
     def node_shapes(self, x: Tensor) -> dict[str, Any]:
@@ -360,7 +363,12 @@ def _tracer_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _check_module(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}")
+        raise InputError(
+            f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}; "
+            "pass one of these"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError("TorchScript modules cannot be traced; explain the original nn.Module instead.")
     if type(model).forward is nn.Module.forward:  # _forward_unimplemented: a wrapper that overrides __call__
         raise InputError(
             f"{type(model).__name__} has no forward() (it overrides __call__), so it cannot be traced as a module. "
@@ -554,23 +562,60 @@ def trace_export(
     """
     model = _check_module(model)
     key = ("export", hooks, tuple(x.shape[1:]), x.dtype, x.device.type, _freeze(model_kwargs))
-    return _cached(model, key, fingerprint(model), lambda: _export(model, x, hooks, model_kwargs))
+    stamp = fingerprint(model)
+    result = _cached(model, key, stamp, lambda: _export(model, x, hooks, model_kwargs))
+    if result.batch is not None and result.batch != x.shape[0]:  # traced at another fixed batch size
+        b = x.shape[0]
+        result = _cached(model, (*key, b), stamp, lambda: _export(model, x, hooks, model_kwargs, batch=b))
+    return result
 
 
-def _export(model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None) -> Traced:
+def _export(
+    model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None, batch: int | None = None
+) -> Traced:
+    """Export with a dynamic batch; a model whose code fixes the batch size (a Python loop over samples)
+    is exported again at ``x``'s batch and marked ``Traced.batch`` (its perturbed copies then run per batch)."""
     _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
-    example = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
     kwargs = dict(model_kwargs or {})
+    dynamic = batch is None and not kwargs
+    example = torch.zeros((_EXAMPLE_BATCH if dynamic else x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = torch.export.export(
-                copy, (example,), kwargs or None, dynamic_shapes=({0: torch.export.Dim.AUTO},) if not kwargs else None
+                copy, (example,), kwargs or None, dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
             )
     except Exception as err:
         raise TraceError(_export_message(err, model, x)) from err
-    return _from_exported(exported, model, _export_names)
+    if dynamic and not _dynamic_batch(exported, _EXAMPLE_BATCH):
+        return _export(model, x, hooks, model_kwargs, batch=x.shape[0])
+    result = _from_exported(exported, model, _export_names)
+    result.batch = None if dynamic else example.shape[0]
+    return result
+
+
+_EXAMPLE_BATCH = 5  # an unusual size: an output list of exactly this many items is a per-sample list
+
+
+def _dynamic_batch(exported: Any, batch: int) -> bool:
+    """Whether the exported program kept the batch dimension symbolic, in its input and in the structure of
+    its output (a per-sample list such as ``[dict(...) for row in out]`` fixes the count of items)."""
+
+    def per_sample(spec: Any) -> bool:
+        children = getattr(spec, "children_specs", [])
+        if spec.type in (list, tuple) and len(children) == batch:
+            return True
+        return any(per_sample(c) for c in children)
+
+    if per_sample(exported.call_spec.out_spec):
+        return False
+    names = set(exported.graph_signature.user_inputs[:1])
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            return val is not None and isinstance(val.shape[0], torch.SymInt)
+    return False
 
 
 def _from_exported(exported: Any, model: nn.Module, names: Callable[[fx.GraphModule, nn.Module], dict]) -> Traced:
@@ -625,30 +670,42 @@ def trace_function(fn: Callable[[Params, Tensor], Any], params: Params, x: Tenso
         torch.Size([1, 8, 8])
     """
     if not callable(fn):
-        raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(fn).__name__}")
+        raise InputError(
+            f"model must be an nn.Module or a function model_fn(params, x), got {type(fn).__name__}; pass one of these"
+        )
     if not isinstance(params, dict) or not all(isinstance(v, Tensor) for v in params.values()):
-        raise InputError("a model_fn needs params as a dict of tensors (its own parameters), e.g. {'w': tensor}")
+        raise InputError("a model_fn needs params as a dict of tensors (its own parameters): pass e.g. {'w': tensor}")
     stamp = tuple((k, v.shape, v.dtype, v.device) for k, v in params.items())
     key = ("function", tuple(x.shape[1:]), x.dtype, x.device.type)
     example = {k: v.detach() for k, v in params.items()}
-    return _cached(fn, key, stamp, lambda: _function(fn, example, x))
+    result = _cached(fn, key, stamp, lambda: _function(fn, example, x))
+    if result.batch is not None and result.batch != x.shape[0]:  # traced at another fixed batch size
+        b = x.shape[0]
+        result = _cached(fn, (*key, b), stamp, lambda: _function(fn, example, x, batch=b))
+    return result
 
 
-def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor) -> Traced:
+def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor, batch: int | None = None) -> Traced:
     wrapper = _Function(fn, example)
-    sample = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dynamic = batch is None
+    sample = torch.zeros((_EXAMPLE_BATCH if dynamic else batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(wrapper, (sample,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            exported = torch.export.export(
+                wrapper, (sample,), dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
+            )
     except Exception as err:
         raise TraceError(
             f"camfn could not trace the model_fn {getattr(fn, '__qualname__', fn)!r}: {type(err).__name__}: {err}"
             f"{_where(err)}\nA model_fn is called as model_fn(params, x) with params a dict of tensors and x a "
-            "(B, C, H, W) batch; make it traceable by torch.export (no data-dependent Python control flow)"
+            "(B, C, H, W) batch; define it with that signature and make it traceable by torch.export (no "
+            "data-dependent Python control flow)"
         ) from err
+    if dynamic and not _dynamic_batch(exported, _EXAMPLE_BATCH):
+        return _function(fn, example, x, batch=x.shape[0])
     traced = _from_exported(exported, wrapper, _node_names)
-    traced.tracer = "function"
+    traced.tracer, traced.batch = "function", batch
 
     for n in traced.module.graph.nodes:  # the holder's buffers are the user's keys
         if n.op == "get_attr" and n.target in wrapper.names:
