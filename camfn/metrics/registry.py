@@ -45,6 +45,7 @@ METRICS: dict[str, Metric] = {}
 """Every metric by name, filled at definition by :func:`metric` (import :mod:`camfn.metrics` to fill it)."""
 
 _NEEDS = {"model", "maps", "boxes", "method"}
+_MASKED = ("scores", "auc", "correlations")  # the per-sample fields of Curve and Sanity
 
 
 def _masked(result: Any, bad: Tensor) -> Any:
@@ -53,9 +54,7 @@ def _masked(result: Any, bad: Tensor) -> Any:
     def nan_rows(t: Tensor, axis: int) -> Tensor:
         if not isinstance(t, Tensor) or t.ndim <= axis or t.shape[axis] != bad.numel():
             return t
-        if not t.is_floating_point():
-            return t
-        t = t.clone()
+        t = t.double() if t.dtype == torch.bool else t.clone()
         index = [slice(None)] * axis + [bad.to(t.device)]
         t[tuple(index)] = float("nan")
         return t
@@ -65,7 +64,7 @@ def _masked(result: Any, bad: Tensor) -> Any:
     if hasattr(result, "_fields"):
         axis = 1 if "correlations" in result._fields else 0
         return type(result)(
-            *(nan_rows(v, axis) if k != "fractions" else v for k, v in zip(result._fields, result, strict=True))
+            *(nan_rows(v, axis) if k in _MASKED else v for k, v in zip(result._fields, result, strict=True))
         )
     return result
 
