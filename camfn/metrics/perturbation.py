@@ -261,7 +261,7 @@ def pixel_flipping(
     s = scorer(model, params, x, target, softmax=softmax, hooks=hooks)
     scores = _moved(s, x, ranks(maps, "most"), counts, x, end, chunk_size)
     auc = torch.trapezoid(scores, dx=1.0, dim=1) if scores.shape[1] > 1 else torch.zeros_like(scores[:, 0])
-    return Curve(counts.to(scores.dtype) / n, scores, auc)
+    return Curve(counts.to(scores.device, scores.dtype) / n, scores, auc)
 
 
 def _patch_ids(shape: tuple[int, int], patch_size: int, device: torch.device) -> Tensor:
