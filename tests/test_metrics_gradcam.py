@@ -21,6 +21,8 @@ from pytorch_grad_cam.metrics.cam_mult_image import CamMultImageConfidenceChange
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 TOL = {"atol": 1e-4, "rtol": 1e-4}
+# grad-cam hands torch tensors to np.mean/np.percentile (numpy 2 deprecation, not ours)
+pytestmark = pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
