@@ -330,7 +330,7 @@ def build(args: argparse.Namespace):
         for name, model in (("camfn", m_camfn), ("grad-cam", m_gc), ("torchcam", m_tc), ("plain forward", base)):
             training = sum(m.training for m in model.modules())
             grads = sum(q.grad is not None for q in model.parameters())
-            hooks = len(camfn.graph.foreign_hooks(model))
+            hooks = len(camfn.hooks.foreign_hooks(model))
             notes.append(
                 f"{name} model after the run: {training} module(s) in train mode, {grads} parameter(s) with .grad, "
                 f"{hooks} hook(s) left"

@@ -1,8 +1,9 @@
 """camfn: class activation maps for PyTorch as pure functions.
 
 Every method is ``method(model, params, x, layer, target, **options) -> maps``, built on ``torch.func``
-over a torch.fx trace of the model: no hooks, no mode switches, no ``.grad``; composable with ``vmap``,
-``grad`` and ``torch.compile``.
+over a traced graph of the model (torch.fx or torch.export): no hooks, no mode switches, no ``.grad``;
+composable with ``vmap``, ``grad`` and ``torch.compile``. ``model`` is an ``nn.Module`` or a plain
+function ``model_fn(params, x)``.
 
 Example:
     >>> import torch, torchvision, camfn
@@ -12,36 +13,21 @@ Example:
     (torch.Size([2, 64, 64]), True)
 """
 
-from . import errors, forward, graph, layout, metrics, noise, postprocess, shapes, smoothing, targets, viz
+from . import errors, hooks, layout, metrics, noise, postprocess, rewrite, shapes, targets, tracing, viz
 from .checkpoints import maps_over_params, stack_params
 from .compiled import Compiled, compiled, graph_breaks
+from .cut import Cut
+from .driver import method
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
 from .evaluation import evaluate
-from .forward import params
-from .graph import Cut, LayerInfo, default_layer, layers
-from .methods import (
-    METHODS,
-    ablationcam,
-    cam,
-    eigencam,
-    eigengradcam,
-    gradcam,
-    gradcam_elementwise,
-    gradcampp,
-    guided_backprop,
-    guided_gradcam,
-    hirescam,
-    iscam,
-    layercam,
-    scorecam,
-    smooth_gradcampp,
-    sscam,
-    xgradcam,
-)
+from .layer_names import LayerInfo, default_layer, layers
+from .methods import METHODS, guided_backprop, guided_gradcam
 from .postprocess import fuse
+from .tracing import apply, params
+
+globals().update(METHODS)
 
 __version__ = "0.1.0"
-
 
 __all__ = [
     "METHODS",
@@ -56,40 +42,29 @@ __all__ = [
     "OptionError",
     "TargetError",
     "TraceError",
-    "ablationcam",
-    "cam",
+    "apply",
     "compiled",
     "default_layer",
-    "eigencam",
-    "eigengradcam",
     "errors",
     "evaluate",
-    "forward",
     "fuse",
-    "gradcam",
-    "gradcam_elementwise",
-    "gradcampp",
-    "graph",
+    "hooks",
     "graph_breaks",
     "guided_backprop",
     "guided_gradcam",
-    "hirescam",
-    "iscam",
-    "layercam",
     "layers",
     "layout",
     "maps_over_params",
+    "method",
     "metrics",
     "noise",
     "params",
     "postprocess",
-    "scorecam",
+    "rewrite",
     "shapes",
-    "smooth_gradcampp",
-    "smoothing",
-    "sscam",
     "stack_params",
     "targets",
+    "tracing",
     "viz",
-    "xgradcam",
+    *METHODS,
 ]

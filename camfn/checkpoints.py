@@ -27,9 +27,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
-from .forward import Params
-from .graph import Layer
+from .layer_names import Layer
 from .targets import Target
+from .tracing import Params
 
 __all__ = ["maps_over_params", "stack_params"]
 

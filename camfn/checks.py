@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+import torch
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from .tracing import Traced
 
 from .errors import InputError, ModeError
 
-__all__ = ["check_input", "check_model"]
+__all__ = ["check_input", "check_model", "check_params"]
 
 
 def check_input(x: object) -> Tensor:
@@ -52,3 +58,41 @@ def check_model(model: nn.Module) -> None:
                     "so even in eval mode it normalises with batch statistics and a map would depend on the "
                     "other samples. Explain one sample at a time, or replace the layer with GroupNorm"
                 )
+
+
+def check_params(params: Any, trace: Traced, x: Tensor) -> None:
+    """``params`` must be a dict of tensors whose shapes match the model's and whose dtype fits ``x``."""
+    if not isinstance(params, dict):
+        raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
+    stamp = (x.dtype, x.device, *map(id, params.values()))
+    last = trace.checked
+    if last is not None and last[0] is params and last[1] == stamp:  # the same dict of the same tensors
+        return
+    floats = []
+    for key, value in params.items():
+        if not isinstance(value, Tensor):
+            raise InputError(
+                f"params[{key!r}] is a {type(value).__name__}, not a tensor; pass torch.as_tensor(value) "
+                "(camfn.params(model) builds the dict)"
+            )
+        ref = trace.defaults.get(key)
+        if ref is not None and value.shape != ref.shape:
+            raise InputError(
+                f"params[{key!r}] has shape {tuple(value.shape)} but the model's has {tuple(ref.shape)}; "
+                "pass parameters of this architecture (camfn.params(model), or a state_dict of the same model)"
+            )
+        if value.is_floating_point() and value.ndim:
+            floats.append((key, value))
+    if floats and x.is_floating_point() and not any(v.dtype == x.dtype for _, v in floats):
+        key, value = floats[0]
+        raise InputError(
+            f"x is {x.dtype} but the parameters are {value.dtype} (e.g. {key!r}); convert one to match: "
+            f"x.to({value.dtype}) or model.to({x.dtype}) and camfn.params(model) again"
+        )
+    if floats and x.device != floats[0][1].device and not torch.compiler.is_compiling():
+        key, value = floats[0]
+        raise InputError(
+            f"x is on {x.device} but params[{key!r}] is on {value.device}; move both to one device "
+            f"(x.to({str(value.device)!r}))"
+        )
+    trace.checked = (params, stamp)

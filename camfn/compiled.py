@@ -34,12 +34,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .driver import Maps
 from .errors import OptionError
-from .forward import Params
-from .graph import Layer
-from .methods.core import Maps
+from .layer_names import Layer
 from .noise import pinned
 from .targets import Target
+from .tracing import Params
 
 __all__ = ["Compiled", "compiled", "graph_breaks"]
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "CamfnError",
+    "DamagedFileError",
     "HookError",
     "InputError",
     "LayerError",
@@ -14,6 +15,7 @@ __all__ = [
     "OptionError",
     "TargetError",
     "TraceError",
+    "UnsafeFileError",
     "nearest",
 ]
 
@@ -22,8 +24,16 @@ class CamfnError(Exception):
     """Base class of every error camfn raises on purpose."""
 
 
-class InputError(CamfnError, ValueError):
-    """The input tensor cannot be explained as given (dtype, shape)."""
+class InputError(CamfnError, ValueError, TypeError):
+    """An argument cannot be explained as given: ``x`` (dtype, shape, values), ``params``, the model."""
+
+
+class UnsafeFileError(InputError):
+    """A file camfn was asked to load could run code (a pickle of Python objects, code in a program)."""
+
+
+class DamagedFileError(InputError):
+    """A file camfn wrote earlier (or was given) is truncated, damaged or of another kind."""
 
 
 class TargetError(CamfnError, ValueError):
@@ -49,7 +59,7 @@ class TraceError(CamfnError, RuntimeError):
     """torch.fx could not trace the model."""
 
 
-class OptionError(CamfnError, TypeError):
+class OptionError(CamfnError, ValueError, TypeError):
     """An unknown keyword option or an option value of the wrong kind."""
 
 

@@ -23,7 +23,7 @@ Example:
     >>> from camfn.inference import bind
     >>> model = torchvision.models.resnet18().eval()
     >>> p, x = camfn.params(model), torch.randn(2, 3, 64, 64)
-    >>> traced = camfn.graph.trace(model)
+    >>> traced = camfn.tracing.trace(model)
     >>> fast = bind(traced, p, x)
     >>> torch.allclose(fast(x), traced.program()(p, x), atol=1e-4)
     True
@@ -42,7 +42,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .graph import Program, Traced, _program
+from .rewrite import Program, program
+from .runtime import in_transform
+from .tracing import Traced
 
 __all__ = ["Inference", "available", "bind", "inference"]
 
@@ -64,7 +66,7 @@ def available(x: Tensor) -> bool:
         and x.ndim == 4
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-        and torch._C._functorch.peek_interpreter_stack() is None
+        and not in_transform()
     )
 
 
@@ -222,18 +224,19 @@ def _partition(traced: Traced, graph: fx.Graph, fused: int) -> Inference:
         if node.op == "placeholder" or node in static:
             continue
         renv[node] = rgraph.node_copy(node, lambda a: renv[a])
-    return Inference(_program(traced, wgraph), _program(traced, rgraph), fused)
+    return Inference(program(traced, wgraph), program(traced, rgraph), fused)
 
 
 def inference(traced: Traced, x: Tensor) -> Inference:
     """The fused, folded, packed rewrite of ``traced`` for inputs shaped like ``x``; cached per shape."""
-    key = ("inference", tuple(x.shape))
-    if key not in traced.engines:
+    key = tuple(x.shape)
+    found = traced.cache.inference.get(key)
+    if found is None:
         graph = copy.deepcopy(traced.module.graph)
         fused = _fuse(graph, traced.module, traced.node_shapes(x))
         graph.lint()
-        traced.engines[key] = _partition(traced, graph, fused)  # type: ignore[assignment]
-    return traced.engines[key]  # type: ignore[return-value]
+        found = traced.cache.inference[key] = _partition(traced, graph, fused)
+    return found
 
 
 def bind(traced: Traced, params: dict[str, Tensor], x: Tensor) -> Callable[[Tensor], Any]:

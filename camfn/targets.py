@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import OptionError, TargetError
+from .runtime import concrete
 
 __all__ = [
     "Output",
@@ -52,6 +53,7 @@ __all__ = [
     "logit",
     "pick",
     "probability",
+    "resolve",
     "scores",
     "segmentation",
     "similarity",
@@ -61,13 +63,6 @@ Target = int | Tensor | Callable[[Tensor], Tensor] | None
 ScoreFn = Callable[[Tensor], Tensor]
 Output = str | int | Callable[[Any], Any] | None
 """The ``output`` option: which part of the model's output the target reads."""
-
-
-def concrete(t: Tensor) -> bool:
-    """True when ``t``'s values may be read (not under a torch.func transform or torch.compile)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def logit(c: int | Tensor) -> ScoreFn:
@@ -413,15 +408,31 @@ def scores(target: Target, batch: int, num_classes: int | None, output: Output =
     return score
 
 
+def resolve(target: Target, output: Any, selector: Output = None) -> Target:
+    """``target`` with ``None`` made concrete: the top-1 class ``(B,)`` of ``output`` (after ``selector``).
+
+    The one place a default target becomes a fixed class (perturbation methods, smoothing, metrics,
+    evaluation and the command line all call it).
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import resolve
+        >>> resolve(None, torch.tensor([[0.0, 2.0], [3.0, 1.0]])).tolist(), resolve(4, None)
+        ([1, 0], 4)
+    """
+    if target is not None:
+        return target
+    logits = _check_logits(pick(output, selector), "index")
+    return logits.argmax(1)
+
+
 def fixed(target: Target, output: Any, batch: int, num_classes: int | None, selector: Output = None) -> ScoreFn:
-    """:func:`scores` with ``None`` resolved once, to the top-1 class of ``output`` (after ``selector``).
+    """:func:`scores` with ``None`` resolved once (:func:`resolve`) to the top-1 class of the clean ``output``.
 
     Methods that score perturbed or noisy copies of ``x`` use it, so every copy explains the clean
     input's class rather than its own top-1.
     """
-    if target is None:
-        target = classes(None, batch, num_classes)[0](pick(output, selector)).squeeze(1)
-    return scores(target, batch, num_classes, selector)
+    return scores(resolve(target, output, selector), batch, num_classes, selector)
 
 
 def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:

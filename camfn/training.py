@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import InputError
-from .forward import Params, apply
-from .graph import Layer
+from .layer_names import Layer
+from .tracing import Params, apply
 
 __all__ = ["History", "finetune", "guided_loss", "outside_share"]
 

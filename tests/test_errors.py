@@ -173,5 +173,7 @@ def test_escape_hatch_leaf_modules() -> None:
 
 
 def test_model_not_a_module(p: dict) -> None:
-    with pytest.raises(TypeError, match=r"torch\.nn\.Module"):
+    with pytest.raises(camfn.InputError, match=r"nn\.Module or a function model_fn"):
+        camfn.gradcam(5, p, X, "act", 0)
+    with pytest.raises(camfn.TraceError, match="model_fn"):  # a callable that is not model_fn(params, x)
         camfn.gradcam(lambda x: x, p, X, "act", 0)

@@ -95,9 +95,12 @@ def test_export_traces_shape_dependent_code_and_keeps_module_paths() -> None:
     torch.manual_seed(1)
     model = Untraceable(ShapeDependent()).double().eval()
     x = image(2, 16, seed=2)
-    with pytest.raises(camfn.TraceError):
-        camfn.gradcam(model, camfn.params(model), x, "conv", 1)
+    with pytest.raises(camfn.TraceError, match="tracer='export'"):
+        camfn.gradcam(model, camfn.params(model), x, "conv", 1, tracer="fx")
+    with pytest.warns(UserWarning, match="torch.export because torch.fx failed"):  # the default falls back
+        auto = camfn.gradcam(model, camfn.params(model), x, "relu", 1)
     ours = camfn.gradcam(model, camfn.params(model), x, "relu", 1, tracer="export")
+    torch.testing.assert_close(auto, ours, rtol=0, atol=0)
     MODEL_PATHS.clear()
     MODEL_PATHS.update(dict(model.named_modules()))
     torch.testing.assert_close(ours, _hook_gradcam(model, model.relu, x, 1), rtol=1e-7, atol=1e-9)

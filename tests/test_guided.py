@@ -87,7 +87,7 @@ def test_guided_backprop_closed_form(how: str) -> None:
     got = camfn.guided_backprop(net, camfn.params(net), x, c)
     assert want.abs().max() > 1e-3
     assert torch.allclose(got, want, atol=1e-12)
-    program = camfn.methods.guided.guided_program(camfn.graph.trace(net))
+    program = camfn.methods.guided.guided_program(camfn.tracing.trace(net))
     assert torch.allclose(program(camfn.params(net), x), net(x.clone()), atol=1e-12)  # same forward
 
 
@@ -160,7 +160,7 @@ def test_batches_targets_and_vmap(resnet: nn.Module) -> None:
         assert torch.allclose(one[b], alone[0], atol=1e-12)
     mapped = vmap(lambda xi, ti: camfn.guided_backprop(resnet, p, xi[None], ti[None])[0])(x, many[:, 0])
     assert torch.allclose(mapped, both[:, 0], atol=1e-12)
-    top1 = camfn.forward.apply(resnet, p, x).argmax(1)
+    top1 = camfn.apply(resnet, p, x).argmax(1)
     assert torch.equal(camfn.guided_backprop(resnet, p, x), camfn.guided_backprop(resnet, p, x, top1))
 
 
@@ -187,7 +187,7 @@ def test_relus_inside_leaf_modules_are_guided() -> None:
     leaf = nn.Sequential(block, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).double().eval()
     plain = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), *list(leaf)[1:]).double().eval()
     plain.load_state_dict(leaf.state_dict())
-    assert any(n.target == "0" for n in camfn.graph.trace(leaf).module.graph.nodes)  # really a leaf
+    assert any(n.target == "0" for n in camfn.tracing.trace(leaf).module.graph.nodes)  # really a leaf
     x, c = image(2, 8, seed=7), torch.tensor([0, 2])
     want = camfn.guided_backprop(plain, camfn.params(plain), x, c)
     assert not torch.allclose(want, torch.func.grad(lambda xi: leaf(xi)[torch.arange(2), c].sum())(x))

@@ -34,7 +34,7 @@ def test_fast_program_equals_plain(name: str) -> None:
     p = camfn.params(model)
     before = {k: v.clone() for k, v in p.items()}
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    traced = camfn.graph.trace(model)
+    traced = camfn.tracing.trace(model)
     assert inference(traced, x).fused == convs  # every Conv2d rewritten
     want = traced.program()(p, x)
     for inputs in (x, x[:1], x.contiguous(memory_format=torch.channels_last)):  # any batch, any layout
@@ -46,7 +46,7 @@ def test_fast_program_equals_plain(name: str) -> None:
 
 def test_other_params_other_output(gapnet: nn.Module) -> None:
     """Weights are read from the params passed to bind, not frozen into the program."""
-    traced = camfn.graph.trace(gapnet)
+    traced = camfn.tracing.trace(gapnet)
     x = torch.randn(2, 3, 16, 16)
     p = {k: v * 1.5 if v.is_floating_point() else v for k, v in camfn.params(gapnet).items()}
     torch.testing.assert_close(bind(traced, p, x)(x), traced.program()(p, x), rtol=1e-4, atol=1e-5)
@@ -74,7 +74,7 @@ def test_gradients_never_flow_through_the_fused_ops(gapnet: nn.Module, monkeypat
     """oneDNN's fused ops have no autograd formula: a differentiable call takes the plain graph."""
     x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(3), requires_grad=True)
     p = camfn.params(gapnet)
-    traced = camfn.graph.trace(gapnet)
+    traced = camfn.tracing.trace(gapnet)
     assert not available(x)
     trainable = {k: v.detach().requires_grad_("running" not in k and v.is_floating_point()) for k, v in p.items()}
     out = bind(traced, trainable, x.detach())(x.detach())

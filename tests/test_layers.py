@@ -90,7 +90,7 @@ def test_callable_target() -> None:
 
 def test_trace_cached_and_refreshed_on_mode_change() -> None:
     model = GapNet().eval()
-    first = camfn.graph.trace(model)
-    assert camfn.graph.trace(model) is first
+    first = camfn.tracing.trace(model)
+    assert camfn.tracing.trace(model) is first
     model.fc.train()
-    assert camfn.graph.trace(model) is not first
+    assert camfn.tracing.trace(model) is not first

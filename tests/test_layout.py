@@ -114,7 +114,8 @@ def test_every_family_accepts_a_layout(vit, method) -> None:
 
 def test_ablation_with_layout_equals_manual_token_ablation(vit) -> None:
     """Slow formula: w_k = (y - y_k) / y with y_k from the tail on tokens whose patch channel k is zeroed."""
-    from camfn.graph import split, trace
+    from camfn.rewrite import cut_after as split
+    from camfn.tracing import trace
 
     x = image(1, 64, seed=4)
     p = camfn.params(vit)

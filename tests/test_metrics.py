@@ -323,7 +323,7 @@ def test_sanity_check_vmap_equals_loop_and_model_unchanged(sanity_setup):
     result = metrics.sanity_check(camfn.gradcam, model, p, x, "conv2", seed=2)
     assert result.layers == ["fc", "conv2", "bn", "conv1"]
     assert result.correlations.shape == (4, 2)
-    top1 = camfn.forward.apply(model, p, x).argmax(1)  # target=None: the trained model's class for every set
+    top1 = camfn.apply(model, p, x).argmax(1)  # target=None: the trained model's class for every set
     trained = camfn.gradcam(model, p, x, "conv2", top1)
     stacked, _ = metrics.randomized(model, p, seed=2)
     for i in range(4):

@@ -33,7 +33,7 @@ def setup():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 1, SIZE, SIZE, generator=g)
     maps = torch.rand(3, SIZE, SIZE, generator=g)
-    y = camfn.forward.apply(model, camfn.params(model), x).argmax(1)
+    y = camfn.apply(model, camfn.params(model), x).argmax(1)
     region = torch.zeros(3, SIZE, SIZE, dtype=torch.bool)
     region[0, 2:9, 3:12] = region[1, 8:, 8:] = region[2, :5, :] = True
     return model, camfn.params(model), x, maps, y, region

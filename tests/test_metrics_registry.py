@@ -147,7 +147,7 @@ def test_compute_errors_name_the_fix(setup):
 # --------------------------------------------------------------------------------- scores and targets
 def test_raw_scores_callable_targets_and_any_step_count(setup):
     model, p, x, maps, _ = setup
-    logits = camfn.forward.apply(model, p, x)
+    logits = camfn.apply(model, p, x)
     assert torch.allclose(metrics.confidence(model, p, x, 2, softmax=False), logits[:, 2])
     top = logits.argmax(1)
     assert torch.allclose(metrics.confidence(model, p, x), logits.softmax(1).gather(1, top[:, None])[:, 0])
@@ -255,7 +255,7 @@ def test_sanity_check_reports_flat_maps_and_mprt_leaves_model_and_rng_alone(setu
     with torch.random.fork_rng():
         torch.manual_seed(3)
         fresh = nn.Linear(4, 3)  # reset_parameters of fc under seed 3 = a fresh Linear's init under seed 3
-    top1 = camfn.forward.apply(model, p, x).argmax(1)
+    top1 = camfn.apply(model, p, x).argmax(1)
     expected = camfn.gradcam(model, {**p, "fc.weight": fresh.weight.detach(), "fc.bias": fresh.bias.detach()}, x,
                              "conv", top1)  # fmt: skip
     assert torch.allclose(out.maps[0], expected, atol=1e-6)

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from torchcam import methods as tc
 
 import camfn
-from camfn.graph import foreign_hooks
+from camfn.hooks import foreign_hooks
 from camfn.postprocess import finish, normalize
 
 ATOL = 1e-4

@@ -212,7 +212,7 @@ def test_bad_perturbation_options(net: GapNet) -> None:
         camfn.sscam(net, p, x, "act", 0, n=0)
     with pytest.raises(ValueError, match="chunk_size=0"):
         camfn.scorecam(net, p, x, "act", 0, chunk_size=0)
-    with pytest.raises(TypeError, match="seed must be"):
+    with pytest.raises(camfn.OptionError, match="seed='a'"):
         camfn.sscam(net, p, x, "act", 0, seed="a")
 
 
@@ -292,12 +292,12 @@ def test_split_head_then_tail_is_the_model_at_every_layer(arch: str) -> None:
     torch.manual_seed(3)
     model = randomize_bn(getattr(torchvision.models, arch)(num_classes=5)).eval()
     x, p = torch.randn(2, 3, 32, 32), camfn.params(model)
-    traced = camfn.graph.trace(model)
+    traced = camfn.tracing.trace(model)
     expected = model(x)
     nodes = list(traced.qualname)
     crossing = 0
     for node in nodes[:: max(1, len(nodes) // 40)]:
-        cut = camfn.graph.split(traced, node)
+        cut = camfn.rewrite.cut_after(traced, node)
         a, extras = cut.head(p, x)
         crossing += len(extras)
         torch.testing.assert_close(cut.tail(p, a, *extras), expected)
@@ -308,8 +308,8 @@ def test_split_tail_never_writes_head_values() -> None:
     """resnet's BasicBlock applies an in-place ReLU right after bn1: the tail must not write the head's tensor."""
     torch.manual_seed(4)
     model = torchvision.models.resnet18(num_classes=3).eval()
-    traced, p, x = camfn.graph.trace(model), camfn.params(model), torch.randn(1, 3, 32, 32)
-    cut = camfn.graph.split(traced, traced.resolve("layer4.0.bn1"))
+    traced, p, x = camfn.tracing.trace(model), camfn.params(model), torch.randn(1, 3, 32, 32)
+    cut = camfn.rewrite.cut_after(traced, traced.resolve("layer4.0.bn1"))
     a, extras = cut.head(p, x)
     before = a.clone()
     cut.tail(p, a, *extras)

@@ -204,7 +204,7 @@ def test_output_selector_errors(net: nn.Module) -> None:
 def _linear_in_g(net: nn.Module, x: torch.Tensor, target, grad_s) -> None:
     """HiResCAM's raw map for ``target`` equals ``sum_j dS/dy_j raw_j`` (checks the target's gradient)."""
     p = camfn.params(net)
-    y = camfn.forward.apply(net, p, x)
+    y = camfn.apply(net, p, x)
     every = torch.arange(y.shape[1]).expand(x.shape[0], -1)
     per_output = camfn.hirescam(net, p, x, "conv2", every, **RAW)  # (B, C, h, w)
     want = torch.einsum("bc,bchw->bhw", grad_s(y), per_output)
@@ -252,7 +252,7 @@ def test_segmentation_on_fcn_matches_grad_cam() -> None:
     model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=3)
     model = randomize_bn(model).double().eval().requires_grad_(False)
     x = image(2, 64, seed=7)
-    out = camfn.forward.apply(model, camfn.params(model), x)["out"]
+    out = camfn.apply(model, camfn.params(model), x)["out"]
     c = int(out.argmax(1).flatten().mode().values)  # the class most pixels take
     ours = camfn.gradcam(model, camfn.params(model), x, "backbone.layer4", segmentation(c), output="out")
 

@@ -54,7 +54,7 @@ def test_guided_finetuning_moves_maps_into_the_mask():
 
     def held_out(q):
         maps = camfn.gradcam(model, q, test.images, shapes.LAYER, test.labels, normalize=False)
-        accuracy = (camfn.forward.apply(model, q, test.images).argmax(1) == test.labels).float().mean()
+        accuracy = (camfn.apply(model, q, test.images).argmax(1) == test.labels).float().mean()
         return float(training.outside_share(maps, test.masks).mean()), float(accuracy)
 
     share0, acc0 = held_out(p)

@@ -1,54 +1,14 @@
 """Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`,
-:mod:`~camfn.methods.perturbation`, :mod:`~camfn.methods.guided`."""
+:mod:`~camfn.methods.perturbation` (each method one function on :func:`camfn.driver.method`), and
+:mod:`~camfn.methods.guided` (input gradients, not maps). Importing the families fills :data:`METHODS`."""
 
-from .activation import cam, eigencam
-from .gradient import (
-    eigengradcam,
-    gradcam,
-    gradcam_elementwise,
-    gradcampp,
-    hirescam,
-    layercam,
-    smooth_gradcampp,
-    xgradcam,
-)
+from ..driver import REGISTRY as METHODS
+from . import gradient  # the registry lists the gradient family first
+
+# isort: split
+from . import activation, perturbation
 from .guided import guided_backprop, guided_gradcam
-from .perturbation import ablationcam, iscam, scorecam, sscam
 
-METHODS = {
-    "gradcam": gradcam,
-    "gradcampp": gradcampp,
-    "xgradcam": xgradcam,
-    "layercam": layercam,
-    "hirescam": hirescam,
-    "gradcam_elementwise": gradcam_elementwise,
-    "eigengradcam": eigengradcam,
-    "cam": cam,
-    "eigencam": eigencam,
-    "smooth_gradcampp": smooth_gradcampp,
-    "ablationcam": ablationcam,
-    "scorecam": scorecam,
-    "sscam": sscam,
-    "iscam": iscam,
-}
-"""Every method by name."""
+globals().update(METHODS)
 
-__all__ = [
-    "METHODS",
-    "ablationcam",
-    "cam",
-    "eigencam",
-    "eigengradcam",
-    "gradcam",
-    "gradcam_elementwise",
-    "gradcampp",
-    "guided_backprop",
-    "guided_gradcam",
-    "hirescam",
-    "iscam",
-    "layercam",
-    "scorecam",
-    "smooth_gradcampp",
-    "sscam",
-    "xgradcam",
-]
+__all__ = ["METHODS", "activation", "gradient", "guided_backprop", "guided_gradcam", "perturbation", *METHODS]

@@ -1,29 +1,20 @@
 r"""The activation family: maps from the activation ``A`` alone (no gradients).
 
 ``cam`` weights channels by the classifier's weights, ``eigencam`` takes the first principal component.
-Only the part of the network up to the layer runs (for ``cam`` with ``target=None`` the whole network
-runs once, to find the top-1 class).
+For ``eigencam`` only the part of the network up to the layer runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Unpack
-
 import torch.fx as fx
 from torch import Tensor, nn
 
+from ..driver import Layer, method
 from ..errors import LayerError, TargetError
-from ..forward import Params, activations
-from ..graph import Layer, Traced, engine
-from ..smoothing import smoothable
-from ..targets import Target, classes
-from .core import Maps, Options, _options, explain, finalize, num_classes, prepare, reduce
+from ..options import Option
+from ..tracing import Traced
 
 __all__ = ["cam", "eigencam"]
-
-Layers = Layer | Sequence[Layer] | None
-
 
 _POOL_MODULES = (
     nn.AdaptiveAvgPool1d,
@@ -52,10 +43,10 @@ def _classifier(traced: Traced, layer: str) -> str:
 
     Cached on ``traced`` (a compiled call only reads the cache: dynamo cannot walk an fx graph).
     """
-    key = ("classifier", layer)
-    if key not in traced.engines:
-        traced.engines[key] = _find_classifier(traced, layer)  # type: ignore[assignment]
-    return traced.engines[key]  # type: ignore[return-value]
+    found = traced.cache.classifier.get(layer)
+    if found is None:
+        found = traced.cache.classifier[layer] = _find_classifier(traced, layer)
+    return found
 
 
 def _find_classifier(traced: Traced, layer: str) -> str:
@@ -83,24 +74,23 @@ def _find_classifier(traced: Traced, layer: str) -> str:
     )
 
 
-@smoothable
-def cam(
-    model: nn.Module,
-    params: Params,
-    x: Tensor,
-    layer: Layers = None,
-    target: Target = None,
-    *,
-    fc: str | None = None,
-    **options: Unpack[Options],
-) -> Maps:
-    r"""CAM (Zhou et al., 2016) for models ending in global average pooling and a linear layer.
+def _fc(value: object, name: str) -> str | None:
+    if value is not None and not (isinstance(value, str) and value):
+        from ..errors import OptionError
+
+        raise OptionError(f"{name}={value!r}: use None (find the classifier) or the module path of a linear layer")
+    return value  # type: ignore[return-value]
+
+
+@method(needs="forward", options={"fc": Option(None, _fc)})
+def cam(at: Layer) -> Tensor:
+    r"""CAM (Zhou et al., CVPR 2016) for models ending in global average pooling and a linear layer.
 
     .. math:: L_c = \sum_k W_{c,k} A_k
 
-    with :math:`W` the weight of the linear classifier ``fc`` (found automatically: the last
-    ``nn.Linear`` whose input size is the layer's channel count), read from ``params``. Bias and the
-    pooling factor do not change the normalised map, so on such a model ``cam`` equals ``gradcam``.
+    with :math:`W` the weight of the linear classifier (found automatically, or the option ``fc`` = its
+    module path), read from ``params``. Bias and the pooling factor do not change the normalised map, so
+    on such a model ``cam`` equals ``gradcam``. Targets are class indices (``None``: the top-1 class).
 
     Example:
         >>> import torch, torchvision, camfn
@@ -108,36 +98,25 @@ def cam(
         >>> camfn.cam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer4", 5).shape
         torch.Size([1, 64, 64])
     """
-    opts = _options(options)
-    if callable(target) and not isinstance(target, Tensor):
+    call = at.call
+    if call.target_is_callable:
         raise TargetError("cam needs class indices (int, (B,) or (B, T) tensor, or None); use gradcam for callables")
-    traced, nodes, single = prepare(model, x, layer, opts)
-    index, squeeze = classes(target, x.shape[0], num_classes(traced, x))
-    output, acts = activations(engine(traced, nodes, with_output=target is None), params, x)
-    cls = index(output if target is None else x)  # (B, T)
-    maps = []
-    for node, a in zip(nodes, acts, strict=True):
-        path = fc or _classifier(traced, node)
-        key = f"{path}.weight"
-        weight = params[key] if key in params else traced.module.get_parameter(key)
-        if weight.ndim != 2 or weight.shape[1] != a.shape[1]:
-            raise LayerError(
-                f"fc {path!r} has weight {tuple(weight.shape)}, which does not map the {a.shape[1]} channels "
-                f"of layer {traced.qualname[node]!r} to classes"
-            )
-        w = weight[cls]  # (B, T, K)
-        maps.append(reduce(w.reshape(*w.shape, *([1] * (a.ndim - 2))) * a.unsqueeze(1), opts["eigen_smooth"]))
-    return finalize(maps, x, opts, squeeze, single)
+    path = at.options["fc"] or _classifier(call.trace, at.node)
+    key = f"{path}.weight"
+    weight = call.params[key] if key in call.params else call.trace.defaults.get(key)
+    k = at.a.shape[2]
+    if weight is None or weight.ndim != 2 or weight.shape[1] != k:
+        got = None if weight is None else tuple(weight.shape)
+        raise LayerError(
+            f"fc {path!r} has weight {got}, which does not map the {k} channels of layer {at.name!r} to classes; "
+            "pass fc='path.of.the.linear.classifier'"
+        )
+    w = weight[call.classes()]  # (B, T, K)
+    return w.reshape(*w.shape, *([1] * (at.a.ndim - 3))) * at.a
 
 
-def _activation(a: Tensor, _: Tensor | None) -> Tensor:
-    return a
-
-
-@smoothable
-def eigencam(
-    model: nn.Module, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **options: Unpack[Options]
-) -> Maps:
+@method(needs="activations", eigen=True, fixed_target=False)
+def eigencam(at: Layer) -> Tensor:
     r"""Eigen-CAM (Muhammad & Yeasin, 2020): first principal component of the activation. Class-agnostic.
 
     With :math:`X` the :math:`(HW, K)` activation matrix, channels centred over space, and
@@ -150,5 +129,4 @@ def eigencam(
         >>> camfn.eigencam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer4").shape
         torch.Size([1, 64, 64])
     """
-    del target
-    return explain(model, params, x, layer, None, _activation, uses_gradient=False, **{**options, "eigen_smooth": True})
+    return at.a

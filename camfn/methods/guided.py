@@ -36,11 +36,13 @@ from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from ..checks import check_input, check_model
-from ..errors import LayerError, OptionError
-from ..forward import Params
-from ..graph import HookPolicy, Layer, Program, Traced, trace
+from ..driver import num_classes
+from ..errors import InputError, LayerError, OptionError
+from ..hooks import HookPolicy
+from ..layer_names import Layer
+from ..rewrite import Program, program
 from ..targets import Output, Target, scores
-from .core import num_classes
+from ..tracing import Params, Traced, trace
 from .gradient import gradcam
 
 __all__ = ["GuidedReLU", "guided_backprop", "guided_gradcam", "guided_program", "guided_relu"]
@@ -144,22 +146,18 @@ def _rewrite(traced: Traced) -> tuple[fx.Graph, list[str]]:
 
 def guided_program(traced: Traced) -> Program:
     """The traced model with every ReLU guided, as a pure function ``(params, x) -> output``; cached."""
-    key = ("guided",)
-    if key in traced.engines:
-        return traced.engines[key]  # type: ignore[return-value]
+    if traced.cache.guided is not None:
+        return traced.cache.guided
     graph, leaves = _rewrite(traced)
-    module = fx.GraphModule(traced.module, graph, "Guided" + traced.module.__class__.__name__)
+    root = fx.GraphModule(traced.module, graph, "Guided" + traced.module.__class__.__name__)
     for target in leaves:
         parent, _, name = target.rpartition(".")
-        holder = module.get_submodule(parent) if parent else module
+        holder = root.get_submodule(parent) if parent else root
         if parent and holder is traced.module.get_submodule(parent):  # never write the traced skeleton
             raise LayerError(f"cannot make the ReLUs inside {target!r} guided; trace it without leaf modules")
         setattr(holder, name, _guided_copy(traced.module.get_submodule(target)))
-    keys = {k for k, _ in module.named_parameters(remove_duplicate=False)}
-    keys |= {k for k, _ in module.named_buffers(remove_duplicate=False)}
-    program = Program(module, frozenset(keys), traced.state_keys)
-    traced.engines[key] = program  # type: ignore[assignment]
-    return program
+    traced.cache.guided = program(traced, root.graph, prune=False, root=root)
+    return traced.cache.guided
 
 
 def guided_backprop(
@@ -190,7 +188,7 @@ def guided_backprop(
     """
     check_input(x)
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise InputError(f"guided backpropagation needs an nn.Module (its ReLUs), got {type(model).__name__}")
     check_model(model)
     traced = trace(model, hooks=hooks, tracer_options=tracer_options)
     program = guided_program(traced)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from .. import targets as _targets
 from ..checks import check_input, check_model
 from ..errors import InputError, OptionError, TargetError
-from ..forward import Params, apply
-from ..graph import HookPolicy
+from ..hooks import HookPolicy
+from ..tracing import Params, apply
 
 Order = Literal["most", "least"]
 ChunkSize = int | Literal["auto"] | None

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..forward import Params
-from ..graph import HookPolicy
+from ..hooks import HookPolicy
+from ..tracing import Params
 from .common import check_maps, check_model_input, scorer
 from .registry import metric
 
@@ -35,7 +35,7 @@ def confidence(
     .. math:: Y_b = \mathrm{softmax}(f(x_b))_{c_b}
 
     ``target``: an int, a ``(B,)`` long tensor, ``None`` for the top-1 class of each sample, or a callable
-    ``output -> (B,)`` scores. ``hooks``: as in :func:`camfn.graph.trace`.
+    ``output -> (B,)`` scores. ``hooks``: as in :func:`camfn.tracing.trace`.
 
     Example:
         >>> import torch, camfn

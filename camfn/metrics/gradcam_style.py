@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import OptionError
-from ..forward import Params
-from ..graph import HookPolicy
+from ..hooks import HookPolicy
 from ..noise import Seed
+from ..tracing import Params
 from .common import ChunkSize, check_chunk, check_images_2d, check_maps, check_model_input
 from .confidence import multiplied_scores
 from .imputation import Solver

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InputError, OptionError
-from ..forward import Params
-from ..graph import HookPolicy
+from ..hooks import HookPolicy
 from ..noise import Seed, generator
+from ..tracing import Params
 from .common import (
     ChunkSize,
     Curve,

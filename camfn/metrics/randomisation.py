@@ -25,9 +25,8 @@ from torch import Tensor, nn
 
 from ..checkpoints import maps_over_params
 from ..errors import InputError, OptionError
-from ..forward import Params
-from ..graph import trace
 from ..noise import Seed
+from ..tracing import Params, trace
 from .common import check_model_input, fixed_class, spearman
 from .registry import metric
 

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..forward import Params
-from ..graph import HookPolicy
+from ..hooks import HookPolicy
 from ..noise import Seed
+from ..tracing import Params
 from .common import (
     ChunkSize,
     Curve,

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError, OptionError
-from ..forward import Params
 from ..noise import Seed, generator
+from ..tracing import Params
 from .common import check_maps, check_model_input, check_positive, fixed_class, refuse_nonfinite
 from .registry import metric
 

@@ -1,0 +1,199 @@
+"""Layers a user can name: listing them with output shapes, the default layer, and name resolution.
+
+A layer is a node name of the trace (``"layer4.1.relu_1"``), a module path (``"layer4"``: the last node
+inside that module), the module object itself, or a list of these (one map per layer).
+
+Example:
+    >>> import torchvision, camfn
+    >>> model = torchvision.models.resnet18().eval()
+    >>> [info.name for info in camfn.layers(model)][-4:]
+    ['layer4.1.relu_1', 'avgpool', 'flatten', 'fc']
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from .cut import Cut
+from .errors import InputError, LayerError
+from .hooks import HookPolicy
+from .tracing import Model, Params, Traced, layer_list, traced
+
+__all__ = ["Layer", "LayerInfo", "default_layer", "layers", "resolve_layers", "spatial"]
+
+Layer = str | nn.Module
+
+
+class LayerInfo(NamedTuple):
+    """One traced node: its name (what to pass as ``layer``), op, module type and output shape."""
+
+    name: str
+    op: str
+    module: str
+    shape: tuple[int, ...] | None
+
+
+def _module_path(model: Model, layer: nn.Module) -> str:
+    if isinstance(model, nn.Module):
+        for path, module in model.named_modules():
+            if module is layer:
+                return path
+    raise LayerError(
+        f"the module {type(layer).__name__} passed as layer is not a submodule of the model; "
+        "pass one of model.modules() or its path as a string"
+    )
+
+
+def layer_names(model: Model, layer: Layer | Sequence[Layer] | None) -> list[str] | None:
+    """Normalise ``layer`` to a list of names (modules are turned into their paths)."""
+    items = layer_list(layer)
+    if items is None:
+        return None
+    out = []
+    for item in items:
+        if isinstance(item, nn.Module):
+            out.append(_module_path(model, item))
+        elif isinstance(item, str) and item:
+            out.append(item)
+        else:
+            raise LayerError(
+                f"layer {item!r} ({type(item).__name__}) is not a layer name: pass a node name or module path "
+                "string (camfn.layers(model, x) lists them), a submodule, or a list of these"
+            )
+    return out
+
+
+def spatial(shape: tuple[int, ...] | None) -> bool:
+    """True for ``(B, K, *spatial)`` with at least one spatial extent above 1."""
+    return shape is not None and len(shape) >= 3 and math.prod(shape[2:]) > 1
+
+
+def default_node(trace: Traced, x: Tensor) -> str:
+    """The last module output of shape ``(B, K, h, w, ...)`` with ``h * w > 1`` (as torchcam chooses).
+
+    Under ``torch.export`` only nodes that end a module call count (never an internal view of an attention
+    block), and channels-last outputs ``(B, h, w, C)`` are skipped.
+    """
+    shapes = trace.node_shapes(x)
+    for node in reversed(list(trace.qualname)):
+        info = shapes.get(node)
+        if info is None or not spatial(tuple(info[0])) or len(info[0]) != x.ndim:
+            continue
+        if trace.tracer == "export" and not _module_output(trace, node):
+            continue
+        return node
+    raise LayerError(
+        "no layer of this model has a spatial output (B, K, h, w) with h * w > 1 for an input of shape "
+        f"{tuple(x.shape)}; pass layer= explicitly (camfn.layers(model, x) lists the candidates; for "
+        "transformer tokens pass a layer and layout='tokens')"
+    )
+
+
+def _module_output(trace: Traced, node: str) -> bool:
+    """An exported node named by a module path alone (the last node of a leaf module's call)."""
+    name = trace.qualname[node]
+    base = name.rsplit("_", 1)[0] if name.rsplit("_", 1)[-1].isdigit() else name
+    return name in trace.modules or base in trace.modules
+
+
+def _example(x: Tensor | Sequence[int] | None) -> Tensor | None:
+    if x is None or isinstance(x, Tensor):
+        return x
+    try:
+        shape = tuple(int(s) for s in x)
+    except (TypeError, ValueError):
+        raise InputError(f"x must be a tensor or a shape such as (1, 3, 224, 224), got {x!r}") from None
+    return torch.empty(shape)
+
+
+def _probe(model: Model, x: Tensor | None) -> Tensor | None:
+    """A probe input in the model's own dtype and device (so a float64 model gets a float64 probe)."""
+    if x is None or not isinstance(model, nn.Module) or (x.numel() == 0 and x.ndim == 0):
+        return x
+    ref = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    if ref is not None and (x.dtype != ref.dtype or x.device != ref.device) and x.is_floating_point():
+        return torch.zeros(x.shape, dtype=ref.dtype, device=ref.device)
+    return x
+
+
+def default_layer(
+    model: Model,
+    x: Tensor | Sequence[int],
+    *,
+    params: Params | None = None,
+    hooks: HookPolicy = "error",
+    tracer_options: dict[str, Any] | None = None,
+    tracer: str = "auto",
+) -> str:
+    """The layer ``layer=None`` picks: the last module output whose spatial extent is above 1.
+
+    Example:
+        >>> import torchvision, camfn
+        >>> camfn.default_layer(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
+        'layer4.1.relu_1'
+    """
+    probe = _probe(model, _example(x))
+    trace = traced(model, params, probe, tracer=tracer, hooks=hooks, tracer_options=tracer_options)
+    return trace.qualname[default_node(trace, probe)]
+
+
+def layers(
+    model: Model,
+    x: Tensor | Sequence[int] | None = None,
+    *,
+    params: Params | None = None,
+    hooks: HookPolicy = "error",
+    tracer_options: dict[str, Any] | None = None,
+    tracer: str = "auto",
+) -> list[LayerInfo]:
+    """List the layers a user can pass, in execution order, with output shapes for input ``x``.
+
+    Args:
+        model: the model (not modified), or a function ``model_fn(params, x)`` (then pass ``params``).
+        x: an example input or its shape, e.g. ``(1, 3, 224, 224)``; without it shapes are ``None``.
+        tracer: ``"auto"``, ``"fx"`` or ``"export"`` (``torch.export``; needs ``x``), as the methods' option.
+
+    Example:
+        >>> import torchvision, camfn
+        >>> info = camfn.layers(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
+        >>> info[-4]
+        LayerInfo(name='layer4.1.relu_1', op='call_module', module='ReLU', shape=(1, 512, 2, 2))
+    """
+    probe = _probe(model, _example(x))
+    trace = traced(model, params, probe, tracer=tracer, hooks=hooks, tracer_options=tracer_options)
+    shapes = trace.node_shapes(probe) if probe is not None else {}
+    nodes = {n.name: n for n in trace.module.graph.nodes}
+    out = []
+    for name, qual in trace.qualname.items():
+        node = nodes[name]
+        if node.op == "call_module":
+            kind = type(trace.module.get_submodule(node.target)).__name__
+        else:
+            kind = getattr(node.target, "__name__", str(node.target))
+        info = shapes.get(name)
+        out.append(LayerInfo(qual, node.op, kind, tuple(info[0]) if info else None))
+    return out
+
+
+def resolve_layers(
+    trace: Traced, model: Model, layer: Layer | Sequence[Layer] | None, x: Tensor
+) -> tuple[list[str], bool]:
+    """fx node names for ``layer`` (``None``: the default layer) and whether a single layer was given."""
+    names = layer_names(model, layer)
+    if names is None and isinstance(model, Cut):
+        return [trace.resolve("head")], True
+    if names is None:
+        return [default_node(trace, x)], True
+    single = isinstance(layer, str | nn.Module)
+    nodes = [trace.resolve(n) for n in names]
+    if len(set(nodes)) != len(nodes):
+        raise LayerError(
+            f"the same layer is requested twice: {names}; pass each layer once (a module path and the node "
+            "name of its last node are the same layer)"
+        )
+    return nodes, single
