@@ -42,7 +42,7 @@ Example:
 
 from __future__ import annotations
 
-from .common import WORK_BUDGET, Curve
+from .common import Curve
 from .complexity import complexity, sparseness
 from .confidence import average_drop, confidence, increase_in_confidence
 from .gradcam_style import (
@@ -80,7 +80,6 @@ from .robustness import avg_sensitivity, max_sensitivity, sensitivities
 
 __all__ = [
     "METRICS",
-    "WORK_BUDGET",
     "Curve",
     "Metric",
     "Sanity",

@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import chunks as _chunks
 from .. import targets as _targets
 from ..checks import check_input, check_model
 from ..errors import InputError, OptionError, TargetError
@@ -23,9 +24,6 @@ from ..tracing import Params, apply
 
 Order = Literal["most", "least"]
 ChunkSize = int | Literal["auto"] | None
-
-WORK_BUDGET = 2**23
-"""Input values per perturbed forward with ``chunk_size="auto"`` (8 Mi: 682 RGB images at 64 px, 55 at 224 px)."""
 
 
 class Curve(NamedTuple):
@@ -122,13 +120,8 @@ def check_positive(name: str, value: object, what: str) -> int:
 
 
 def check_chunk(chunk_size: ChunkSize) -> None:
-    if chunk_size in (None, "auto"):
-        return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise OptionError(
-            f"chunk_size={chunk_size!r}: use 'auto' (a work budget of pixels x images per forward), a positive "
-            "int (images per forward), or None (all at once)"
-        )
+    """``"auto"`` (:data:`camfn.chunks.BUDGET` input elements per forward), images per forward, or ``None``."""
+    _chunks.check_chunk(chunk_size)
 
 
 def ranks(maps: Tensor, order: Order | str) -> Tensor:
@@ -209,21 +202,20 @@ def scorer(
     return Scorer(score, clean)
 
 
-def copies_per_forward(chunk_size: ChunkSize, x: Tensor) -> int | None:
-    """Perturbed copies of the batch per forward: ``chunk_size`` images (``"auto"``: :data:`WORK_BUDGET` values)."""
-    if chunk_size is None:
-        return None
-    images = max(1, WORK_BUDGET // x[0].numel()) if chunk_size == "auto" else chunk_size
-    return max(1, images // x.shape[0])
-
-
 def run_copies(
     score: Callable[[Tensor], Tensor], x: Tensor, make: Callable[[Tensor], Tensor], n: int, chunk_size: ChunkSize
 ) -> Tensor:
-    """Scores ``(B, n)`` of ``n`` perturbed copies; ``make(steps (c,)) -> (c, B, C, *S)`` builds a chunk."""
-    per = copies_per_forward(chunk_size, x) or n
-    parts = [score(make(torch.arange(lo, min(lo + per, n), device=x.device))) for lo in range(0, n, per)]
-    return torch.cat(parts).T if parts else torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+    """Scores ``(B, n)`` of ``n`` perturbed copies of the batch; ``make(steps (c,)) -> (c, B, C, *S)``.
+
+    ``chunk_size``: ``"auto"`` sizes the copies per forward by :data:`camfn.chunks.BUDGET` elements, an int is
+    images per forward (``chunk_size // B`` copies, at least one), ``None`` runs all copies at once.
+    """
+    if n == 0:
+        return torch.zeros(x.shape[0], 0, dtype=x.dtype, device=x.device)
+    per = _chunks.copies_per_forward("auto", x.shape) if chunk_size == "auto" else chunk_size
+    if isinstance(per, int) and chunk_size != "auto":
+        per = max(1, per // x.shape[0])
+    return _chunks.chunked(lambda idx: score(make(idx)), n, per, device=x.device).T
 
 
 def curve(fractions: Tensor, scores: Tensor) -> Curve:

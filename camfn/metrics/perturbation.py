@@ -3,7 +3,7 @@ r"""Perturbation metrics: the class score while the pixels a map ranks first are
 A *feature* is a spatial position (all channels of a pixel, or of a voxel for ``(B, C, D, H, W)`` volumes).
 Scores are the softmax probability of the class (``softmax=False``: the logit; a callable target: its
 value), ``None`` meaning the clean input's top-1 class for every perturbed copy. Perturbed copies run
-``chunk_size`` images per forward (``"auto"``: a budget of :data:`~camfn.metrics.common.WORK_BUDGET` input
+``chunk_size`` images per forward (``"auto"``: a budget of :data:`camfn.chunks.BUDGET` input
 values). Quantus 0.6 orders features with an unstable ``argsort``; camfn breaks ties in raster order.
 """
 
