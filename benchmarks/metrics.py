@@ -117,7 +117,8 @@ def run(n: int, repeats: int) -> str:
     rows.append(("insertion, 32 steps", t_ins, None))
     lines = [
         f"{n} shapes test images at 64 x 64, model `camfn.shapes.load()`, Grad-CAM maps at `{shapes.LAYER}`, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); minimum of {repeats} timed calls.",
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); minimum of {repeats} timed calls; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end.",
         "",
         f"Reproduce: `python -m benchmarks.metrics --n {n} --repeats {repeats} --markdown`",
         "",
