@@ -82,10 +82,10 @@ from .tracing import params as params_of
 
 __all__ = ["BOX_METRICS", "DEFAULT_METRICS", "MODEL_METRICS", "Item", "evaluate", "item", "shard_ranges"]
 
-MODEL_METRICS = ("confidence", "average_drop", "increase_in_confidence", "deletion", "insertion", "road")
-"""Metrics that run the model on perturbed inputs (curves report their AUC)."""
+MODEL_METRICS = tuple(n for n, m in _metrics.METRICS.items() if not m.needs & {"boxes", "method"})
+"""Metrics of the maps and the model (curves report their AUC), from :data:`camfn.metrics.METRICS`."""
 
-BOX_METRICS = ("pointing_game", "energy_pointing_game")
+BOX_METRICS = tuple(n for n, m in _metrics.METRICS.items() if "boxes" in m.needs)
 """Metrics that need a box per sample; skipped (and listed under ``skipped``) when the data set has none."""
 
 DEFAULT_METRICS = (
@@ -467,15 +467,8 @@ def _score(
     hooks: HookPolicy,
 ) -> Tensor:
     """Per-sample values ``(B,)`` float64 of metric ``name``."""
-    if name == "pointing_game":
-        return _metrics.pointing_game(maps, boxes, **options).double()  # type: ignore[arg-type]
-    if name == "energy_pointing_game":
-        return _metrics.energy_pointing_game(maps, boxes).double()  # type: ignore[arg-type]
-    if name == "confidence":
-        return _metrics.confidence(model, params, x, cls, hooks=hooks).double()
-    fn = getattr(_metrics, name)
-    result = fn(model, params, x, maps, cls, hooks=hooks, **options)
-    return (result.auc if isinstance(result, _metrics.Curve) else result).double()
+    inputs = {"model": model, "params": params, "x": x, "maps": maps, "target": cls, "boxes": boxes, "hooks": hooks}
+    return _metrics.compute(name, inputs, **options)
 
 
 def _batch(
