@@ -7,8 +7,20 @@ from . import gradient  # the registry lists the gradient family first
 
 # isort: split
 from . import activation, perturbation
+
+# isort: split
+from . import composite  # built on the families above
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
 
-__all__ = ["METHODS", "activation", "gradient", "guided_backprop", "guided_gradcam", "perturbation", *METHODS]
+__all__ = [
+    "METHODS",
+    "activation",
+    "composite",
+    "gradient",
+    "guided_backprop",
+    "guided_gradcam",
+    "perturbation",
+    *METHODS,
+]

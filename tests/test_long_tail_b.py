@@ -1,0 +1,236 @@
+"""The long tail, part B: finercam, refinecam, sess, legrad, postprocess.aggregate, targets.counterfactual.
+
+Parity with pytorch-grad-cam 1.5.7 and torchcam 0.5 on random-weight models in float64 (the references
+compute in float32 in places, cv2 resizes and blurs in float32: the tolerances below say how much that
+costs), closed forms where the reference has none, and for every method: (B, T) targets, ``vmap`` over
+samples, ``camfn.compiled`` (backend "eager") and ``layout=``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch.func import vmap
+
+import camfn
+from camfn.targets import counterfactual
+
+GC_TOL = 2e-5  # grad-cam: float32 min-max (eps 1e-7) and cv2 float32 resizes of float64 maps
+TC_TOL = 1e-6  # torchcam: torch throughout; eps 1e-8 in its min-max
+
+
+@pytest.fixture(scope="module")
+def resnet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).double().eval()
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _gc_targets(classes):
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    return [ClassifierOutputTarget(int(c)) for c in classes]
+
+
+def _close(ours: torch.Tensor, theirs, tol: float) -> None:
+    theirs = torch.as_tensor(np.asarray(theirs), dtype=torch.float64)
+    err = (ours.detach() - theirs).abs().max().item()
+    assert err <= tol, err
+
+
+# ------------------------------------------------------------------------------------ aggregate
+def test_aggregate_matches_grad_cam_multi_layer(resnet, x):
+    from pytorch_grad_cam import GradCAM
+
+    classes = [3, 7]
+    with GradCAM(resnet, [resnet.layer3, resnet.layer4]) as cam:
+        theirs = cam(x, _gc_targets(classes))
+    maps = camfn.gradcam(resnet, camfn.params(resnet), x, ["layer3", "layer4"], torch.tensor(classes), size=None)
+    ours = camfn.postprocess.aggregate(maps, size=(64, 64))
+    _close(ours, theirs, GC_TOL)
+
+
+def test_aggregate_weights_layers_equally():
+    big, small = torch.tensor([[[0.0, 100.0], [50.0, 100.0]]]), torch.tensor([[[0.0, 0.0], [0.0, 1e-3]]])
+    expected = torch.tensor([[[0.0, 0.5], [0.25, 1.0]]])  # (normalize(big) + normalize(small)) / 2, normalised
+    assert torch.allclose(camfn.postprocess.aggregate([big, small]), expected)
+    with pytest.raises(camfn.InputError, match="at least one map"):
+        camfn.postprocess.aggregate([])
+
+
+# ------------------------------------------------------------------------------------ counterfactual
+def test_counterfactual_negates_the_gradient(resnet, x):
+    p = camfn.params(resnet)
+    raw = {"relu": False, "normalize": False, "size": None}
+    plain = camfn.gradcam(resnet, p, x, "layer4", 4, **raw)
+    negated = camfn.gradcam(resnet, p, x, "layer4", counterfactual(4), **raw)
+    assert torch.allclose(negated, -plain, atol=1e-12)
+    top = camfn.apply(resnet, p, x).argmax(1)
+    assert torch.allclose(
+        counterfactual()(camfn.apply(resnet, p, x)), -camfn.apply(resnet, p, x).gather(1, top[:, None])[:, 0]
+    )
+
+
+# ------------------------------------------------------------------------------------ finercam
+def test_finercam_matches_grad_cam(resnet, x):
+    from pytorch_grad_cam import FinerCAM
+
+    p = camfn.params(resnet)
+    with FinerCAM(resnet, [resnet.layer4]) as cam:
+        theirs_top = cam(x)  # main class: the top-1; the 2nd-4th closest logits, alpha = 1
+        theirs_c = cam(x, target_idx=5, alpha=0.7)
+    _close(camfn.finercam(resnet, p, x, "layer4"), theirs_top, GC_TOL)
+    _close(camfn.finercam(resnet, p, x, "layer4", 5, alpha=0.7), theirs_c, GC_TOL)
+
+
+@pytest.mark.parametrize("base", ["gradcam", "layercam"])
+def test_finercam_matches_torchcam(resnet, x, base):
+    from torchcam.methods import FinerCAM, GradCAM, LayerCAM
+
+    classes = [2, 6]
+    with FinerCAM(
+        resnet, "layer4", input_shape=(3, 64, 64), base_method={"gradcam": GradCAM, "layercam": LayerCAM}[base]
+    ) as cam:
+        scores = resnet(x)
+        (theirs,) = cam(classes, scores)
+    ours = camfn.finercam(
+        resnet, camfn.params(resnet), x, "layer4", torch.tensor(classes), base=base, mode="torchcam", size=None
+    )
+    _close(ours, theirs, TC_TOL)
+
+
+def test_finercam_is_the_base_method_on_the_contrastive_score(resnet, x):
+    """Closed form: torchcam mode with the top-1 target = gradcam on contrastive(None, k, gamma) (the k
+    closest logits to the top-1 are the k highest others); alpha=0 is plain gradcam."""
+    p = camfn.params(resnet)
+    ours = camfn.finercam(resnet, p, x, "layer4", mode="torchcam", alpha=0.3, k=2)
+    ref = camfn.gradcam(resnet, p, x, "layer4", camfn.targets.contrastive(None, k=2, gamma=0.3))
+    assert torch.allclose(ours, ref, atol=1e-12)
+    assert torch.allclose(
+        camfn.finercam(resnet, p, x, "layer4", 3, alpha=0.0), camfn.gradcam(resnet, p, x, "layer4", 3), atol=1e-12
+    )
+    with pytest.raises(camfn.TargetError, match="not a callable"):
+        camfn.finercam(resnet, p, x, "layer4", lambda out: out[:, 0])
+    with pytest.raises(camfn.OptionError, match="base="):
+        camfn.finercam(resnet, p, x, "layer4", base="nope")
+
+
+# ------------------------------------------------------------------------------------ refinecam
+LAYERS = ["layer2", "layer3", "layer4"]
+
+
+def test_refinecam_matches_grad_cam(resnet, x):
+    from pytorch_grad_cam import RefineCAM
+
+    classes = [1, 8]
+    cam = RefineCAM(resnet, [resnet.layer2, resnet.layer3, resnet.layer4])  # base Grad-CAM++
+    theirs = cam(x, _gc_targets(classes))
+    for c in cam.base_cam_per_layer:
+        c.activations_and_grads.release()
+    _close(camfn.refinecam(resnet, camfn.params(resnet), x, LAYERS, torch.tensor(classes)), theirs, GC_TOL)
+
+
+def test_refinecam_matches_torchcam(resnet, x):
+    from torchcam.methods import GradCAM, RefineCAM
+
+    classes = [1, 8]
+    with RefineCAM(resnet, LAYERS, input_shape=(3, 64, 64), base_method=GradCAM) as cam:
+        (theirs,) = cam(classes, resnet(x))
+    ours = camfn.refinecam(
+        resnet, camfn.params(resnet), x, LAYERS, torch.tensor(classes), base="gradcam", mode="torchcam", size=None
+    )
+    _close(ours, theirs, TC_TOL)
+
+
+def test_refinecam_formula(resnet, x):
+    p = camfn.params(resnet)
+    per_layer = camfn.gradcam(resnet, p, x, LAYERS, 4)
+    product = torch.stack(per_layer).prod(0)
+    expected = camfn.postprocess.normalize(product)
+    assert torch.allclose(camfn.refinecam(resnet, p, x, LAYERS, 4, base="gradcam"), expected, atol=1e-12)
+    one = camfn.refinecam(resnet, p, x, "layer4", 4, base="gradcam")
+    assert torch.allclose(one, camfn.gradcam(resnet, p, x, "layer4", 4), atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ sess
+@pytest.mark.parametrize("options", [{}, {"pre_filter_ratio": 0.5, "pool": "max", "step_size": 40}])
+def test_sess_matches_grad_cam(resnet, x, options):
+    from pytorch_grad_cam import SESS, GradCAM
+
+    classes = [2, 9]
+    cam = SESS(resnet, [resnet.layer4], base_method=GradCAM, num_scales=3, **options)
+    theirs = cam(x, _gc_targets(classes))
+    cam.base_cam.activations_and_grads.release()
+    ours = camfn.sess(resnet, camfn.params(resnet), x, "layer4", torch.tensor(classes), num_scales=3, **options)
+    _close(ours, theirs, 1e-4)  # cv2 float32 resizes and blur at every patch
+
+
+def test_sess_one_scale_one_window_is_the_blurred_base_map(resnet, x):
+    p = camfn.params(resnet)
+    ours = camfn.sess(resnet, p, x, "layer4", 3, scales=[64], smooth=False)
+    assert torch.allclose(ours, camfn.gradcam(resnet, p, x, "layer4", 3), atol=1e-12)
+    with pytest.raises(camfn.OptionError, match="window size"):
+        camfn.sess(resnet, p, x, "layer4", 3, scales=[32])
+
+
+# ------------------------------------------------------------------------------------ every method
+COMPOSITES = {
+    "finercam": {},
+    "refinecam": {"base": "gradcam"},
+    "sess": {"num_scales": 2},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_many_targets_vmap_and_compiled(resnet, x, name):
+    method, options = camfn.METHODS[name], COMPOSITES[name]
+    p = camfn.params(resnet)
+    layer = LAYERS[1:] if name == "refinecam" else "layer4"
+    many = torch.tensor([[1, 2], [3, 4]])
+    both = method(resnet, p, x, layer, many, **options)
+    assert both.shape == (2, 2, 64, 64)
+    for t in range(2):
+        assert torch.allclose(both[:, t], method(resnet, p, x, layer, many[:, t], **options), atol=1e-10)
+    mapped = vmap(lambda xi, ti: method(resnet, p, xi[None], layer, ti[None], **options)[0])(x, many[:, 0])
+    assert torch.allclose(mapped, both[:, 0], atol=1e-10)
+    fast = camfn.compiled(method, resnet, layer, backend="eager", **options)
+    assert torch.allclose(fast(p, x, many), both, atol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(
+        image_size=64, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+    )
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision initialises the head to zeros
+    return model.double().eval()
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_layout_passes_to_the_base(vit, x, name):
+    """With layout='vit' each composite equals its definition written out with the base method."""
+    p = camfn.params(vit)
+    layer = "encoder.layers.encoder_layer_1.ln_1"
+    raw = {"relu": False, "layout": "vit"}
+    if name == "finercam":
+        from camfn.methods.composite import _finer_score
+
+        ours = camfn.finercam(vit, p, x, layer, 3, **raw)
+        expected = camfn.gradcam(vit, p, x, layer, _finer_score(3, "gradcam", 1.0, 3), **raw)
+    elif name == "refinecam":
+        ours = camfn.refinecam(vit, p, x, layer, 3, base="gradcam", **raw)
+        expected = camfn.gradcam(vit, p, x, layer, 3, layout="vit")  # per-layer base maps keep their ReLU
+    else:
+        ours = camfn.sess(vit, p, x, layer, 3, scales=[64], smooth=False, **raw)
+        expected = camfn.gradcam(vit, p, x, layer, 3, layout="vit")
+    assert ours.shape == (2, 64, 64) and bool(ours.amax() > 0)
+    assert torch.allclose(ours, expected, atol=1e-12)
