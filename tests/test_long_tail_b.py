@@ -234,3 +234,94 @@ def test_layout_passes_to_the_base(vit, x, name):
         expected = camfn.gradcam(vit, p, x, layer, 3, layout="vit")
     assert ours.shape == (2, 64, 64) and bool(ours.amax() > 0)
     assert torch.allclose(ours, expected, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------ legrad
+BLOCKS = ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1"]
+
+
+def test_legrad_matches_torchcam(vit, x):
+    from torchcam.methods import LeGrad
+
+    classes = [3, 5]
+    with LeGrad(vit, BLOCKS) as cam:
+        (theirs,) = cam(classes, vit(x))
+    p = camfn.params(vit)
+    _close(camfn.legrad(vit, p, x, None, torch.tensor(classes), size=None), theirs, TC_TOL)
+    with LeGrad(vit, BLOCKS[1:]) as cam:
+        (theirs,) = cam(classes, vit(x))
+    _close(camfn.legrad(vit, p, x, BLOCKS[1], torch.tensor(classes), size=None), theirs, TC_TOL)
+    # the model's own pooling (the class token) through torchcam's score_projection
+    with LeGrad(vit, BLOCKS, score_projection=lambda t: vit.heads(vit.encoder.ln(t)[:, 0])) as cam:
+        (theirs,) = cam(classes, vit(x))
+    _close(camfn.legrad(vit, p, x, None, torch.tensor(classes), size=None, pool="model"), theirs, TC_TOL)
+
+
+@pytest.fixture(scope="module")
+def timm_vit() -> torch.nn.Module:
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, pretrained=False, num_classes=10, depth=3)
+    torch.nn.init.normal_(model.head.weight)
+    return model.double().eval()
+
+
+def test_explicit_attention_equals_the_fused_graph(timm_vit, vit, x):
+    from camfn.methods.attention import explicit_attention
+    from camfn.rewrite import program
+    from camfn.tracing import traced
+
+    for model in (timm_vit, vit):
+        p = camfn.params(model)
+        trace = traced(model, p, x)
+        rewritten = explicit_attention(trace)
+        fused = [n for n in rewritten.graph.nodes if n.target is torch.nn.functional.scaled_dot_product_attention]
+        assert not fused and len(rewritten.probs) == len(rewritten.blocks) > 0
+        assert torch.allclose(program(trace, rewritten.graph)(p, x), model(x), atol=1e-12, rtol=0)
+
+
+def test_legrad_timm_formula_loop(timm_vit, x):
+    """Reference: a copy of the model with timm's unfused attention (``fused_attn=False``), P read by a hook
+    on ``attn_drop``, each block's score by autograd (``forward_head(norm(mean tokens))``)."""
+    import copy
+
+    ref = copy.deepcopy(timm_vit)
+    probs, tokens = [], []
+    for block in ref.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o))
+        block.register_forward_hook(lambda m, i, o: tokens.append(o))
+    ref(x)
+    classes = torch.tensor([[3], [5]])
+    maps = []
+    for p_l, t_l in zip(probs, tokens, strict=True):
+        s = ref.forward_head(ref.norm(t_l.mean(1, keepdim=True).expand_as(t_l))).gather(1, classes).sum()
+        (g,) = torch.autograd.grad(s, p_l, retain_graph=True)
+        maps.append(g.relu().mean((1, 2))[:, 1:].reshape(2, 4, 4))
+    expected = camfn.postprocess.normalize(torch.stack(maps).mean(0))
+    ours = camfn.legrad(timm_vit, camfn.params(timm_vit), x, None, classes[:, 0], size=None)
+    assert torch.allclose(ours, expected, atol=1e-10)
+    assert not any(getattr(b.attn, "fused_attn", True) is False for b in timm_vit.blocks)  # model untouched
+
+
+def test_legrad_many_targets_vmap_compiled_and_layout(vit, x):
+    p = camfn.params(vit)
+    many = torch.tensor([[1, 2], [3, 4]])
+    both = camfn.legrad(vit, p, x, None, many)
+    assert both.shape == (2, 2, 64, 64)
+    for t in range(2):
+        assert torch.allclose(both[:, t], camfn.legrad(vit, p, x, None, many[:, t]), atol=1e-10)
+    mapped = vmap(lambda xi, ti: camfn.legrad(vit, p, xi[None], None, ti[None])[0])(x, many[:, 0])
+    assert torch.allclose(mapped, both[:, 0], atol=1e-10)
+    fast = camfn.compiled(camfn.legrad, vit, None, backend="eager")
+    assert torch.allclose(fast(p, x, many), both, atol=1e-10)
+    assert torch.equal(camfn.legrad(vit, p, x, None, many, layout="tokens"), both)
+    with pytest.raises(camfn.OptionError, match="layout"):
+        camfn.legrad(vit, p, x, None, many, layout="nhwc")
+
+
+def test_legrad_errors(resnet, vit, x):
+    with pytest.raises(camfn.LayerError, match="needs a transformer"):
+        camfn.legrad(resnet, camfn.params(resnet), x, None, 1)
+    with pytest.raises(camfn.LayerError, match="attention block names"):
+        camfn.legrad(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_9", 1)

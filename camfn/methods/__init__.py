@@ -10,6 +10,9 @@ from . import activation, perturbation
 
 # isort: split
 from . import composite  # built on the families above
+
+# isort: split
+from . import attention
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
@@ -17,6 +20,7 @@ globals().update(METHODS)
 __all__ = [
     "METHODS",
     "activation",
+    "attention",
     "composite",
     "gradient",
     "guided_backprop",
