@@ -325,3 +325,22 @@ def test_legrad_errors(resnet, vit, x):
         camfn.legrad(resnet, camfn.params(resnet), x, None, 1)
     with pytest.raises(camfn.LayerError, match="attention block names"):
         camfn.legrad(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_9", 1)
+
+
+@pytest.mark.parametrize("name", sorted(COMPOSITES))
+def test_generic_contract_on_a_tiny_cnn(gapnet, name):
+    """What the suite asks of every method in METHODS: (B, T) targets at a tiny 8 px CNN, maps differentiable
+    w.r.t. x, the model, its parameters and x unchanged, and compiled (fullgraph) == eager at 16 px."""
+    method = camfn.METHODS[name]
+    before = {k: v.clone() for k, v in gapnet.state_dict().items()}
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    maps = method(gapnet, camfn.params(gapnet), x, "act", torch.tensor([[1, 2], [0, 4]]))
+    maps.sum().backward()
+    assert maps.shape == (2, 2, 8, 8) and x.grad is not None
+    assert all(torch.equal(v, gapnet.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in gapnet.parameters())
+    x16 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    p, target = camfn.params(gapnet), torch.tensor([1, 3])
+    options = {"num_scales": 3} if name == "sess" else {}  # 12 scales: ~40 s of dynamo tracing on 2 cores
+    fast = camfn.compiled(method, gapnet, "relu", backend="eager", **options)
+    assert torch.allclose(fast(p, x16, target), method(gapnet, p, x16, "relu", target, **options), atol=1e-5)

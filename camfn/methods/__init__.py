@@ -1,5 +1,6 @@
 """Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`,
-:mod:`~camfn.methods.perturbation` (each method one function on :func:`camfn.driver.method`), and
+:mod:`~camfn.methods.perturbation` (each method one function on :func:`camfn.driver.method`),
+:mod:`~camfn.methods.composite` (methods on a base method), :mod:`~camfn.methods.attention` (LeGrad), and
 :mod:`~camfn.methods.guided` (input gradients, not maps). Importing the families fills :data:`METHODS`."""
 
 from ..driver import REGISTRY as METHODS
