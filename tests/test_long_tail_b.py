@@ -188,18 +188,23 @@ COMPOSITES = {
 
 
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
-def test_many_targets_vmap_and_compiled(resnet, x, name):
+def test_many_targets_vmap_and_compiled(gapnet, name):
+    """(B, T) targets = one call per column; vmap over samples = the batch; compiled (fullgraph) = eager."""
+    import copy
+
     method, options = camfn.METHODS[name], COMPOSITES[name]
-    p = camfn.params(resnet)
-    layer = LAYERS[1:] if name == "refinecam" else "layer4"
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    net = copy.deepcopy(gapnet).double()
+    p = camfn.params(net)
+    layer = ["relu", "act"] if name == "refinecam" else "relu"
     many = torch.tensor([[1, 2], [3, 4]])
-    both = method(resnet, p, x, layer, many, **options)
-    assert both.shape == (2, 2, 64, 64)
+    both = method(net, p, x, layer, many, **options)
+    assert both.shape == (2, 2, 16, 16)
     for t in range(2):
-        assert torch.allclose(both[:, t], method(resnet, p, x, layer, many[:, t], **options), atol=1e-10)
-    mapped = vmap(lambda xi, ti: method(resnet, p, xi[None], layer, ti[None], **options)[0])(x, many[:, 0])
+        assert torch.allclose(both[:, t], method(net, p, x, layer, many[:, t], **options), atol=1e-10)
+    mapped = vmap(lambda xi, ti: method(net, p, xi[None], layer, ti[None], **options)[0])(x, many[:, 0])
     assert torch.allclose(mapped, both[:, 0], atol=1e-10)
-    fast = camfn.compiled(method, resnet, layer, backend="eager", **options)
+    fast = camfn.compiled(method, net, layer, backend="eager", **options)
     assert torch.allclose(fast(p, x, many), both, atol=1e-10)
 
 
@@ -330,7 +335,7 @@ def test_legrad_errors(resnet, vit, x):
 @pytest.mark.parametrize("name", sorted(COMPOSITES))
 def test_generic_contract_on_a_tiny_cnn(gapnet, name):
     """What the suite asks of every method in METHODS: (B, T) targets at a tiny 8 px CNN, maps differentiable
-    w.r.t. x, the model, its parameters and x unchanged, and compiled (fullgraph) == eager at 16 px."""
+    w.r.t. x, the model and its parameters unchanged."""
     method = camfn.METHODS[name]
     before = {k: v.clone() for k, v in gapnet.state_dict().items()}
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
@@ -339,8 +344,3 @@ def test_generic_contract_on_a_tiny_cnn(gapnet, name):
     assert maps.shape == (2, 2, 8, 8) and x.grad is not None
     assert all(torch.equal(v, gapnet.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in gapnet.parameters())
-    x16 = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    p, target = camfn.params(gapnet), torch.tensor([1, 3])
-    options = {"num_scales": 3} if name == "sess" else {}  # 12 scales: ~40 s of dynamo tracing on 2 cores
-    fast = camfn.compiled(method, gapnet, "relu", backend="eager", **options)
-    assert torch.allclose(fast(p, x16, target), method(gapnet, p, x16, "relu", target, **options), atol=1e-5)
