@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-__all__ = ["aggregate", "finish", "first_component", "fuse", "normalize", "resize"]
+__all__ = ["aggregate", "finish", "first_component", "fuse", "largest", "normalize", "resize"]
 
 Size = str | tuple[int, ...] | None
 
@@ -77,6 +77,11 @@ def finish(
 _normalize = normalize
 
 
+def largest(maps: Sequence[Tensor], ndim: int = 2) -> tuple[int, ...]:
+    """The largest spatial size along each of the last ``ndim`` axes of ``maps``."""
+    return tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+
+
 def fuse(maps: Sequence[Tensor], size: Sequence[int] | None = None, gamma: float = 2.0, ndim: int = 2) -> Tensor:
     r"""Fuse maps of several layers (LayerCAM, Jiang et al. 2021, Eq. 9 and Sec. 3.3).
 
@@ -96,8 +101,7 @@ def fuse(maps: Sequence[Tensor], size: Sequence[int] | None = None, gamma: float
     maps = list(maps)
     if not maps:
         raise ValueError("fuse needs at least one map")
-    if size is None:
-        size = tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+    size = largest(maps, ndim) if size is None else size
     ndim = len(size)
     scaled = [resize(torch.tanh(gamma * m), size) for m in maps]
     return _normalize(torch.stack(scaled).amax(0), ndim)
@@ -146,8 +150,7 @@ def aggregate(maps: Sequence[Tensor], size: Sequence[int] | None = None, ndim: i
     maps = list(maps)
     if not maps:
         raise InputError("aggregate needs at least one map: pass the list of per-layer maps")
-    if size is None:
-        size = tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+    size = largest(maps, ndim) if size is None else size
     ndim = len(size)
     scaled = [resize(_normalize(F.relu(m), ndim), size) for m in maps]
     return _normalize(torch.stack(scaled).mean(0), ndim)

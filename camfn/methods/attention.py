@@ -27,8 +27,8 @@ from ..options import Option, choice, validate
 from ..postprocess import finish
 from ..rewrite import Program, program
 from ..targets import Target, scores
-from ..tracing import Model, Params, Traced, traced
-from .composite import composite
+from ..tracing import Model, Params, Traced
+from .composite import composite, trace_with
 
 __all__ = ["explicit_attention", "legrad", "mha_output", "mha_probabilities", "sdpa_probabilities"]
 
@@ -296,7 +296,7 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
         torch.Size([2, 64, 64])
     """
     final = validate({k: rest.pop(k) for k in ("relu", "size", "normalize") if k in rest}, {})
-    shared = validate(rest, {})
+    trace, shared = trace_with(model, params, x, rest)
     for flag in ("eigen_smooth", "aug_smooth"):
         if shared[flag]:
             raise OptionError(f"legrad: {flag}=True is not supported (LeGrad has no channel weights to smooth)")
@@ -305,15 +305,6 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
             f"legrad: layout={shared['layout']!r}; legrad reads the patch grid from the attention keys itself "
             "(prefix_tokens= sets how many leading keys are not patches): pass layout=None or 'tokens'"
         )
-    trace = traced(
-        model,
-        params,
-        x,
-        tracer=shared["tracer"],
-        hooks=shared["hooks"],
-        tracer_options=shared["tracer_options"],
-        model_kwargs=shared["model_kwargs"],
-    )
     prog, blocks = _legrad_program(trace, own["pool"])
     wanted = list(range(len(blocks)))
     if layer is not None:

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..driver import REGISTRY, Maps
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
-from ..postprocess import finish, resize
+from ..postprocess import finish, largest, resize
 from ..targets import Target, _logits, classes, contrastive, pick, resolve
 from ..tracing import Model, Params, traced
 
@@ -104,6 +104,24 @@ def _finish_options(rest: dict[str, Any]) -> dict[str, Any]:
     given = {k: rest.pop(k) for k in FINISH if k in rest}
     checked = validate(given, {})
     return {k: checked[k] for k in FINISH}
+
+
+TRACING = ("tracer", "hooks", "tracer_options", "model_kwargs", "output")
+
+
+def trace_with(model: Model, params: Params, x: Tensor, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The model traced with the (validated) shared ``options``, and those options with defaults filled in."""
+    shared = validate(options, {})
+    trace = traced(
+        model,
+        params,
+        x,
+        tracer=shared["tracer"],
+        hooks=shared["hooks"],
+        tracer_options=shared["tracer_options"],
+        model_kwargs=shared["model_kwargs"],
+    )
+    return trace, shared
 
 
 # ----------------------------------------------------------------------------------------- Finer-CAM
@@ -212,7 +230,7 @@ def refinecam(model: Model, params: Params, x: Tensor, layer: Any, target: Targe
     if own["mode"] == "gradcam":
         size = tuple(x.shape[2:])
     else:
-        size = tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+        size = largest(maps, ndim)
     product = torch.stack([resize(m, size) for m in maps]).prod(0)
     return finish(product, x, **final)
 
@@ -288,18 +306,7 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
     if callable(target) and not isinstance(target, Tensor):
         raise TargetError("sess scores each patch by its class: pass None, an int or a (B,) / (B, T) class tensor")
     final = _finish_options(rest)
-    shared = validate(
-        {k: rest[k] for k in ("tracer", "hooks", "tracer_options", "model_kwargs", "output") if k in rest}, {}
-    )
-    trace = traced(
-        model,
-        params,
-        x,
-        tracer=shared["tracer"],
-        hooks=shared["hooks"],
-        tracer_options=shared["tracer_options"],
-        model_kwargs=shared["model_kwargs"],
-    )
+    trace, shared = trace_with(model, params, x, {k: v for k, v in rest.items() if k in TRACING})
     run = trace.program()
 
     def logits_of(inputs: Tensor) -> Tensor:
