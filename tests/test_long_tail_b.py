@@ -121,6 +121,19 @@ def test_finercam_is_the_base_method_on_the_contrastive_score(resnet, x):
         camfn.finercam(resnet, p, x, "layer4", base="nope")
 
 
+def test_finercam_fixes_the_classes_on_the_clean_input(gapnet):
+    """A perturbation base scores every masked copy against the clean input's classes; aug_smooth works."""
+    from camfn.methods.composite import finer_classes, finer_score
+
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    p = camfn.params(gapnet)
+    score = finer_score(*finer_classes(None, gapnet(x), 3), "gradcam", 1.0)
+    ours = camfn.finercam(gapnet, p, x, "act", base="scorecam")
+    assert torch.allclose(ours, camfn.scorecam(gapnet, p, x, "act", score), atol=1e-6)
+    smooth = camfn.finercam(gapnet, p, x, "act", 1, aug_smooth=True)
+    assert smooth.shape == (2, 8, 8) and bool((smooth.amax((1, 2)) == 1).all())
+
+
 # ------------------------------------------------------------------------------------ refinecam
 LAYERS = ["layer2", "layer3", "layer4"]
 
@@ -227,10 +240,11 @@ def test_layout_passes_to_the_base(vit, x, name):
     layer = "encoder.layers.encoder_layer_1.ln_1"
     raw = {"relu": False, "layout": "vit"}
     if name == "finercam":
-        from camfn.methods.composite import _finer_score
+        from camfn.methods.composite import finer_classes, finer_score
 
         ours = camfn.finercam(vit, p, x, layer, 3, **raw)
-        expected = camfn.gradcam(vit, p, x, layer, _finer_score(3, "gradcam", 1.0, 3), **raw)
+        score = finer_score(*finer_classes(3, vit(x), 3), "gradcam", 1.0)
+        expected = camfn.gradcam(vit, p, x, layer, score, **raw)
     elif name == "refinecam":
         ours = camfn.refinecam(vit, p, x, layer, 3, base="gradcam", **raw)
         expected = camfn.gradcam(vit, p, x, layer, 3, layout="vit")  # per-layer base maps keep their ReLU
@@ -328,6 +342,9 @@ def test_legrad_many_targets_vmap_compiled_and_layout(vit, x):
 def test_legrad_errors(resnet, vit, x):
     with pytest.raises(camfn.LayerError, match="needs a transformer"):
         camfn.legrad(resnet, camfn.params(resnet), x, None, 1)
+    blocks = list(vit.encoder.layers)
+    p = camfn.params(vit)
+    assert torch.equal(camfn.legrad(vit, p, x, blocks[1:], 1), camfn.legrad(vit, p, x, BLOCKS[1], 1))
     with pytest.raises(camfn.LayerError, match="attention block names"):
         camfn.legrad(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_9", 1)
 

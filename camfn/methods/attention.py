@@ -285,7 +285,7 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
               \qquad L = \frac{1}{|\mathcal L|} \sum_{l \in \mathcal L} E^l_{\mathrm{patches}}
 
     with the ``prefix_tokens`` keys dropped and the rest reshaped to the patch grid. ``layer``: ``None`` (every
-    attention block) or block names (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``). Attention is
+    attention block) or blocks, by name (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``) or module. Attention is
     read from a rewrite of the traced graph (:func:`explicit_attention`), so fused attention works.
 
     Example:
@@ -308,7 +308,10 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
     prog, blocks = _legrad_program(trace, own["pool"])
     wanted = list(range(len(blocks)))
     if layer is not None:
-        names = [layer] if isinstance(layer, str) else list(layer) if isinstance(layer, Sequence) else None
+        names = [layer] if isinstance(layer, str | nn.Module) else list(layer) if isinstance(layer, Sequence) else None
+        if names is not None and isinstance(model, nn.Module):
+            paths = {id(m): path for path, m in model.named_modules()}
+            names = [paths.get(id(n), repr(n)) if isinstance(n, nn.Module) else n for n in names]
         if names is None or not all(isinstance(n, str) for n in names) or any(n not in blocks for n in names):
             raise LayerError(f"legrad: layer={layer!r}; pass None or attention block names from {list(blocks)}")
         wanted = [blocks.index(n) for n in names]

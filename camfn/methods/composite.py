@@ -125,32 +125,41 @@ def trace_with(model: Model, params: Params, x: Tensor, options: dict[str, Any])
 
 
 # ----------------------------------------------------------------------------------------- Finer-CAM
-def _finer_score(target: Target, mode: str, alpha: float, k: int) -> Callable[[Tensor], Tensor]:
-    """The Finer-CAM score ``output -> (B,)`` or ``(B, T)`` for class targets (see :func:`finercam`)."""
+def finer_classes(target: Target, clean: Tensor, k: int) -> tuple[Tensor, Tensor, bool]:
+    """Finer-CAM's classes on the clean logits ``(B, C)``: the main classes ``(B, T)``, the ``k`` classes
+    with the closest logits to each ``(B, T, k)`` (the main class excluded, ``k`` capped at ``C - 1``), and
+    whether the target gives one map per sample."""
     if callable(target) and not isinstance(target, Tensor):
         raise TargetError(
             "finercam contrasts a class with its nearest classes: pass target=None, an int or a (B,) / (B, T) "
             "tensor of class indices, not a callable (for a custom contrast use camfn.targets.contrastive)"
         )
+    batch, n = clean.shape
+    if n < 2:
+        raise TargetError("finercam needs a model with at least 2 classes to compare with")
+    index, squeeze = classes(target, batch, n)
+    main = index(clean)  # (B, T)
+    y = clean.detach()
+    distance = (y.unsqueeze(1) - y.gather(1, main).unsqueeze(2)).abs()  # (B, T, C)
+    distance = distance.scatter(2, main.unsqueeze(2), torch.inf)  # never compare a class with itself
+    return main, distance.topk(min(k, n - 1), 2, largest=False).indices, squeeze
+
+
+def finer_score(main: Tensor, refs: Tensor, squeeze: bool, mode: str, alpha: float) -> Callable[[Tensor], Tensor]:
+    """The Finer-CAM score ``output -> (B,)`` or ``(B, T)`` for fixed classes (see :func:`finercam`).
+
+    An output batch that is a multiple of the classes' batch (``aug_smooth``'s six views) repeats them."""
 
     def score(output: Tensor) -> Tensor:
         logits = _logits(output, "finercam")
-        batch, n = logits.shape
-        if n < 2:
-            raise TargetError("finercam needs a model with at least 2 classes to compare with")
-        index, squeeze = classes(target, batch, n)
-        main = index(logits)  # (B, T)
-        refs_k = min(k, n - 1)
-        y = logits.detach()
-        distance = (y.unsqueeze(1) - y.gather(1, main).unsqueeze(2)).abs()  # (B, T, C)
-        distance = distance.scatter(2, main.unsqueeze(2), torch.inf)  # never compare a class with itself
-        refs = distance.topk(refs_k, 2, largest=False).indices  # (B, T, k): the closest logits
+        reps = logits.shape[0] // main.shape[0]
+        m, r = (main, refs) if reps == 1 else (main.repeat(reps, 1), refs.repeat(reps, 1, 1))
         if mode == "torchcam":
-            s = torch.stack([contrastive(main[:, t], refs[:, t], gamma=alpha)(logits) for t in range(main.shape[1])], 1)
+            s = torch.stack([contrastive(m[:, t], r[:, t], gamma=alpha)(logits) for t in range(m.shape[1])], 1)
         else:
-            y_main = logits.gather(1, main).unsqueeze(2)
-            y_refs = logits.unsqueeze(1).expand(-1, main.shape[1], -1).gather(2, refs)
-            w = logits.softmax(1).unsqueeze(1).expand(-1, main.shape[1], -1).gather(2, refs)
+            y_main = logits.gather(1, m).unsqueeze(2)
+            y_refs = logits.unsqueeze(1).expand(-1, m.shape[1], -1).gather(2, r)
+            w = logits.softmax(1).unsqueeze(1).expand(-1, m.shape[1], -1).gather(2, r)
             s = (w * (y_main - alpha * y_refs)).sum(2) / (w.sum(2) + 1e-9)
         return s.squeeze(1) if squeeze else s
 
@@ -182,8 +191,9 @@ def finercam(model: Model, params: Params, x: Tensor, layer: Any, target: Target
     .. math:: \text{mode="torchcam"}: \quad S = y_c - \alpha\, \frac{1}{|D|} \sum_{d \in D} y_d, \quad \alpha = 0.6
 
     (torchcam's ``FinerCAM``: an unweighted mean, :func:`camfn.targets.contrastive`). ``alpha=None`` is the
-    mode's default. Options: ``base`` (default ``"gradcam"``), ``mode``, ``alpha``, ``k`` (default 3); the
-    other options go to the base method.
+    mode's default. The classes are chosen once on the clean input, so perturbation bases (``scorecam``...)
+    score every perturbed copy against the same classes. Options: ``base`` (default ``"gradcam"``), ``mode``,
+    ``alpha``, ``k`` (default 3); the other options go to the base method.
 
     Example:
         >>> import torch, torchvision, camfn
@@ -193,8 +203,10 @@ def finercam(model: Model, params: Params, x: Tensor, layer: Any, target: Target
         torch.Size([2, 2, 64, 64])
     """
     alpha = own["alpha"] if own["alpha"] is not None else (1.0 if own["mode"] == "gradcam" else 0.6)
-    score = _finer_score(target, own["mode"], alpha, own["k"])
-    return own["base"](model, params, x, layer, score, **rest)
+    trace, shared = trace_with(model, params, x, {k: v for k, v in rest.items() if k in TRACING})
+    clean = _logits(pick(trace.program()(params, x), shared["output"]), "finercam")
+    main, refs, squeeze = finer_classes(target, clean, own["k"])
+    return own["base"](model, params, x, layer, finer_score(main, refs, squeeze, own["mode"], alpha), **rest)
 
 
 # ----------------------------------------------------------------------------------------- RefineCAM
