@@ -184,6 +184,16 @@ def test_sess_matches_grad_cam(resnet, x, options):
     _close(ours, theirs, 1e-4)  # cv2 float32 resizes and blur at every patch
 
 
+def test_sess_matches_grad_cam_on_a_wide_image(resnet):
+    from pytorch_grad_cam import SESS, GradCAM
+
+    wide = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cam = SESS(resnet, [resnet.layer4], base_method=GradCAM, num_scales=2)
+    theirs = cam(wide, _gc_targets([4]))
+    cam.base_cam.activations_and_grads.release()
+    _close(camfn.sess(resnet, camfn.params(resnet), wide, "layer4", 4, num_scales=2), theirs, 1e-4)
+
+
 def test_sess_one_scale_one_window_is_the_blurred_base_map(resnet, x):
     p = camfn.params(resnet)
     ours = camfn.sess(resnet, p, x, "layer4", 3, scales=[64], smooth=False)

@@ -272,8 +272,10 @@ def _prefix(value: Any, name: str) -> int | None:
 
 @composite({"pool": Option("mean", choice("mean", "model")), "prefix_tokens": Option(None, _prefix)})
 def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, own: dict, rest: dict) -> Tensor:
-    r"""LeGrad (Bousselham et al., arXiv 2404.03214): positive gradients of each block's class score w.r.t.
-    its post-softmax attention, averaged over heads, queries and blocks.
+    r"""LeGrad (Bousselham et al., 2024): positive gradients of block scores w.r.t. their attention.
+
+    Paper: arXiv 2404.03214. Each block's class score is differentiated w.r.t. the block's post-softmax
+    attention; the positive part is averaged over heads, queries and blocks.
 
     For block :math:`l` with tokens :math:`z^l` and attention :math:`P^l` (``heads x N x N``), the block's
     score is the model's own head applied to its tokens, :math:`s^l = S(\mathrm{tail}(\bar z^l))` with

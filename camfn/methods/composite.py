@@ -175,8 +175,9 @@ def finer_score(main: Tensor, refs: Tensor, squeeze: bool, mode: str, alpha: flo
     }
 )
 def finercam(model: Model, params: Params, x: Tensor, layer: Any, target: Target, own: Own, rest: Own) -> Maps:
-    r"""Finer-CAM (Zhang et al., CVPR 2025, arXiv 2501.11309): the base method on the target class minus
-    ``alpha`` x its most similar classes.
+    r"""Finer-CAM (Zhang et al., CVPR 2025): the base method on the target minus alpha x the closest classes.
+
+    Paper: arXiv 2501.11309.
 
     With :math:`c` the target class (``None``: top-1), :math:`D` the ``k`` classes whose logits are closest
     to :math:`y_c` (:math:`|y_d - y_c|` smallest, :math:`c` excluded, capped at ``C - 1``; chosen on the
