@@ -200,6 +200,10 @@ def test_sess_one_scale_one_window_is_the_blurred_base_map(resnet, x):
     assert torch.allclose(ours, camfn.gradcam(resnet, p, x, "layer4", 3), atol=1e-12)
     with pytest.raises(camfn.OptionError, match="window size"):
         camfn.sess(resnet, p, x, "layer4", 3, scales=[32])
+    with pytest.raises(camfn.OptionError, match="must fit"):
+        camfn.sess(resnet, p, x, "layer4", 3, window_size=65)
+    with pytest.raises(camfn.TargetError, match="class"):
+        camfn.sess(resnet, p, x, "layer4", lambda out: out[:, 0])
 
 
 # ------------------------------------------------------------------------------------ every method

@@ -336,6 +336,10 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
     else:
         grow = round(window * own["scale_step_ratio"])
         scales = tuple(window + grow * i for i in range(own["num_scales"]))
+    if window > min(height, width):
+        raise OptionError(
+            f"window_size={window}: the window must fit the {height}x{width} input; use <= {min(height, width)}"
+        )
     if min(scales) < window:
         raise OptionError(f"scales={scales}: every scale must be at least the window size {window}")
 
