@@ -497,3 +497,26 @@ def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:
         return s
 
     return score
+
+
+def counterfactual(c: int | Tensor | None = None) -> ScoreFn:
+    r"""Target: the *negated* logit of class ``c``, for counterfactual maps (Selvaraju et al. 2017, Sec. 5).
+
+    .. math:: S_b = -y_{b, c_b}
+
+    so ``G = dS/dA`` is the negated gradient of the logit: a gradient method then shows the regions whose
+    removal would make the model more confident in ``c`` (``c=None``: each sample's top-1 class).
+    ``c`` is an int or a ``(B,)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import counterfactual
+        >>> counterfactual(1)(torch.tensor([[0.0, 2.0], [3.0, -1.0]])), counterfactual()(torch.tensor([[0.0, 2.0]]))
+        (tensor([-2.,  1.]), tensor([-2.]))
+    """
+
+    def score(output: Tensor) -> Tensor:
+        output = _logits(output, "counterfactual")
+        return -output.gather(1, _class_index(c, output)).squeeze(1)
+
+    return score

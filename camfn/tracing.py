@@ -98,6 +98,7 @@ class Cache:
     inference: dict[tuple, Any] = field(default_factory=dict)  # input shape -> inference.Inference
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
+    attention: dict[tuple, Any] = field(default_factory=dict)  # (pool,) -> legrad's (Program, blocks)
 
 
 @dataclass
