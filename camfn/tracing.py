@@ -604,7 +604,7 @@ def _dynamic_batch(exported: Any, batch: int) -> bool:
     its output (a per-sample list such as ``[dict(...) for row in out]`` fixes the count of items)."""
 
     def per_sample(spec: Any) -> bool:
-        children = getattr(spec, "children_specs", [])
+        children = spec.children() if hasattr(spec, "children") else getattr(spec, "children_specs", [])
         if spec.type in (list, tuple) and len(children) == batch:
             return True
         return any(per_sample(c) for c in children)
