@@ -42,7 +42,7 @@ from torchvision.models.feature_extraction import NodePathTracer
 from .checks import check_model
 from .cut import Cut, CutTracer
 from .errors import InputError, LayerError, OptionError, TraceError, nearest
-from .hooks import HOOK_DICTS, HookPolicy, check_hooks, skeleton
+from .hooks import HookPolicy, check_hooks, skeleton
 from .rewrite import Program, install, program
 
 __all__ = [
@@ -240,41 +240,24 @@ class Traced:
 
 
 # ---------------------------------------------------------------------------------------- cache keys
-_SKIP = {
-    "training",
-    "_parameters",
-    "_buffers",
-    "_modules",
-    "_non_persistent_buffers_set",
-    "_state_dict_hooks",
-    "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks",
-    "_load_state_dict_post_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks_with_kwargs",
-    "_is_full_backward_hook",
-    *HOOK_DICTS,
-}
-_PLAIN = {int, float, str, bool, type(None), torch.dtype, torch.device}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
-def _value(v: Any) -> Any:
-    if isinstance(v, tuple | list) and len(v) <= 16 and all(type(i) in _PLAIN for i in v):
-        return (type(v), *v)
-    if isinstance(v, Tensor):
-        return (id(v), v.shape, v.dtype, v.device)
-    return id(v)
-
-
-def _state(d: dict[str, Any]) -> tuple:
-    return tuple((k, None if v is None else (id(v), v.shape, v.dtype, v.device)) for k, v in d.items())
+def _tensors(d: dict[str, Any]) -> tuple:
+    """Identity of each tensor: a replaced parameter or buffer (``m.weight = ...``,
+    ``load_state_dict(assign=True)``) is a new object. (Reading ``.shape`` of a Parameter costs ~10 us each.)"""
+    return tuple(map(id, d.values()))
 
 
 def fingerprint(model: nn.Module) -> tuple:
-    """Everything the traced graph depends on: per module its identity, type, mode, hooks, non-tensor
-    attributes, the identity, shape and dtype of its parameters and buffers; and the global module hooks."""
-    out: list[tuple] = [_global_hooks()]
+    """Everything the traced graph depends on: per module its identity, every attribute (mode, stride,
+    padding, eps, a user's ``self.temperature``...), its hooks, the identity, shape and dtype of its parameters
+    and buffers, its children; and the global module hooks.
+
+    Built from C-level tuple copies of each module's ``__dict__`` (lists are copied too, so an in-place edit
+    of a list attribute counts); compared with :func:`_same`.
+    """
+    out: list[Any] = [_global_hooks()]
     stack, seen = [model], set()
     while stack:
         m = stack.pop()
@@ -282,21 +265,38 @@ def fingerprint(model: nn.Module) -> tuple:
             continue
         seen.add(id(m))
         d = m.__dict__
+        values = tuple(d.values())
+        if list in set(map(type, values)):
+            values = tuple(tuple(v) if type(v) is list else v for v in values)
+        children = d.get("_modules") or {}
         out.append(
             (
                 id(m),
                 type(m),
-                d.get("training"),
-                tuple(tuple(d[h]) if d.get(h) else () for h in HOOK_DICTS),
-                tuple((k, v if type(v) in _PLAIN else _value(v)) for k, v in d.items() if k not in _SKIP),
-                _state(d["_parameters"]) if d.get("_parameters") else (),
-                _state(d["_buffers"]) if d.get("_buffers") else (),
+                tuple(d),
+                values,
+                _hooks(d),
+                _tensors(d["_parameters"]) if d.get("_parameters") else (),
+                _tensors(d["_buffers"]) if d.get("_buffers") else (),
+                tuple(map(id, children.values())),
             )
         )
-        children = d.get("_modules")
-        if children:
-            stack.extend(reversed([c for c in children.values() if c is not None]))
+        stack.extend(c for c in children.values() if c is not None)
     return tuple(out)
+
+
+def _hooks(d: dict[str, Any]) -> tuple:
+    """The ids of a module's hooks (its hook dictionaries are mutated in place, so their contents count)."""
+    h1, h2, h3, h4 = (d.get(h) for h in _HOOKS)
+    return (tuple(h1) if h1 else (), tuple(h2) if h2 else (), tuple(h3) if h3 else (), tuple(h4) if h4 else ())
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """``a == b`` for fingerprints; a changed tensor attribute (whose ``==`` is elementwise) counts as a change."""
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError, ValueError):
+        return False
 
 
 def _global_hooks() -> tuple:
@@ -333,12 +333,12 @@ def _cached(model: Any, key: tuple, stamp: tuple, build: Callable[[], Traced]) -
     per_model = _CACHE.get(model)
     if per_model is not None:
         hit = per_model.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and _same(hit[0], stamp):
             return hit[1]
     with _lock(_CACHE_LOCK):
         per_model = _CACHE.setdefault(model, {})
         hit = per_model.get(key)
-        if hit is not None and hit[0] == stamp:
+        if hit is not None and _same(hit[0], stamp):
             return hit[1]
         traced = build()
         per_model[key] = (stamp, traced)
