@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import camfn
-from camfn.errors import InputError, TraceError
+from camfn.errors import TraceError
 
 T = pytest.importorskip("transformers")
 pytest.importorskip("pytorch_grad_cam")
@@ -315,35 +315,6 @@ def test_wrong_size_names_the_fix(models):
     model = models("vit")
     with pytest.raises(TraceError, match=r"refused the input of shape \(1, 3, 96, 96\).*interpolate_pos_encoding"):
         camfn.gradcam(model, camfn.params(model), torch.randn(1, 3, 96, 96), None, 0)
-
-
-def test_dict_input_names_the_wrapper():
-    class DictNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 4, 3)
-            self.fc = torch.nn.Linear(4, 2)
-
-        def forward(self, batch):
-            return self.fc(self.conv(batch["image"]).mean((2, 3)))
-
-    model = DictNet().eval()
-    for tracer in ("auto", "export"):
-        with pytest.raises((InputError, TraceError), match=r"(?s)takes a dict.*self\.model\(\{'image': x\}\)"):
-            camfn.gradcam(model, camfn.params(model), torch.randn(1, 3, 16, 16), "conv", 0, tracer=tracer)
-
-    class ImageOnly(torch.nn.Module):  # the wrapper the message gives works
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, x):
-            return self.model({"image": x})
-
-    wrapped = ImageOnly(model)
-    assert camfn.gradcam(wrapped, camfn.params(wrapped), torch.randn(1, 3, 16, 16), "model.conv", 0).shape == (
-        1, 16, 16,
-    )  # fmt: skip
 
 
 def test_layout_error_names_a_working_layer(models, x):
