@@ -5,8 +5,6 @@ the default layer of non-HF models under ``torch.export`` (channel-first module 
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -16,8 +14,8 @@ from camfn.errors import InputError, TraceError
 from camfn.layer_names import channel_first
 
 pytest.importorskip("pytorch_grad_cam")
-from pytorch_grad_cam import EigenCAM, GradCAM  # noqa: E402
-from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection  # noqa: E402
+from pytorch_grad_cam import EigenCAM, GradCAM
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 
 SIZE = 64
 
