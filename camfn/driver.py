@@ -49,7 +49,7 @@ from .chunks import chunked, copies_per_forward
 from .errors import InputError, LayerError, OptionError
 from .inference import bind
 from .layer_names import Layer as LayerName
-from .layer_names import resolve_layers, spatial
+from .layer_names import resolve_layers, spatial, token_layer
 from .layout import layout_fn, patch_gradient_vanishes, prefix_of, pull_back
 from .options import Option, validate
 from .postprocess import finish, first_component, normalize
@@ -357,9 +357,11 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
     if opts["aug_smooth"]:
         return _augmented(spec, model, params, x, layer, target, opts, trace)
     if layer is None and opts["layout"] is not None:
+        tokens = token_layer(trace, x)
         raise LayerError(
             f"layout={opts['layout']!r} needs an explicit layer (the default layer is chosen for (B, K, h, w) "
-            "maps); for a ViT pass e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1' (the last block's first norm)"
+            "maps); for a ViT pass the last block's first norm, "
+            + (f"here layer={tokens!r}" if tokens else "e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1'")
         )
     nodes, single = resolve_layers(trace, model, layer, x)
     if opts["layout"] is None and hint.layout is not None and all(_tokens_layer(trace, n, x) for n in nodes):

@@ -171,3 +171,16 @@ def test_dict_input_names_the_wrapper():
     assert camfn.gradcam(wrapped, camfn.params(wrapped), torch.randn(1, 3, 16, 16), "model.conv", 0).shape == (
         1, 16, 16,
     )  # fmt: skip
+
+
+def test_layout_without_layer_names_the_concrete_layer():
+    """layout= without a layer on a torchvision ViT: the error names the last block's first norm, which works."""
+    import torchvision
+
+    vit = torchvision.models.VisionTransformer(32, 16, 2, 2, 16, 32, num_classes=3).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(camfn.errors.LayerError, match=r"layer='encoder\.layers\.encoder_layer_1\.ln_1'"):
+        camfn.gradcam(vit, camfn.params(vit), x, None, 0, layout="vit")
+    assert camfn.gradcam(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_1.ln_1", 0, layout="vit").shape == (
+        1, 32, 32,
+    )  # fmt: skip

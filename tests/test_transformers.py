@@ -76,12 +76,24 @@ def _build(name: str) -> torch.nn.Module:
             decoder_hidden_size=32, num_labels=3, patch_sizes=[7, 3], strides=[4, 2],
         )  # fmt: skip
         model = T.SegformerForSemanticSegmentation(config)
+    elif name == "detr":
+        backbone = T.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic", out_features=["stage2"]
+        )
+        config = T.DetrConfig(
+            use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+            encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+            encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5, num_labels=3,
+        )  # fmt: skip
+        model = T.DetrForObjectDetection(config)
     else:
         raise KeyError(name)
     return model.eval()
 
 
-NAMES = ["vit", "deit", "beit", "dinov2", "dinov2_registers", "swin", "convnext", "resnet", "clip_vision", "segformer"]
+NAMES = [
+    "vit", "deit", "beit", "dinov2", "dinov2_registers", "swin", "convnext", "resnet", "clip_vision", "segformer", "detr",
+]  # fmt: skip
 EXPECTED = {  # what the adapter infers: (layer, prefix tokens or None for channel-first maps, output)
     "vit": ("vit.layers.1.layernorm_before", 1, "logits"),
     "deit": ("deit.layers.1.layernorm_before", 2, "logits"),
@@ -93,6 +105,7 @@ EXPECTED = {  # what the adapter infers: (layer, prefix tokens or None for chann
     "resnet": ("resnet.encoder.stages.1", None, "logits"),
     "clip_vision": ("vision_model.encoder.layers.1.layer_norm1", 1, "image_embeds"),
     "segformer": ("segformer.stages.1.layer_norm", 0, "logits"),
+    "detr": ("model.backbone.model.encoder.stages.1", None, "logits"),
 }
 
 
@@ -120,6 +133,8 @@ def _outputs(model, x, **kwargs):
 
 
 def _target(name):
+    if name == "detr":  # a detection score: class 1's best query (logits (B, queries, classes + 1))
+        return lambda logits: logits[:, :, 1].amax(1)
     return camfn.targets.segmentation(1) if name == "segformer" else None
 
 
@@ -393,3 +408,11 @@ def test_cut_on_attention_blocks(models, x, name):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert all(p.requires_grad for p in model.parameters())  # the user's weights are untouched
+
+
+def test_detr_without_target_is_a_clear_error(models, x):
+    """DETR's logits are (B, queries, classes + 1): a class index cannot pick one score, so target=None raises
+    a TargetError that says to pass a callable target."""
+    model = models("detr")
+    with pytest.raises(camfn.errors.TargetError, match="callable"):
+        camfn.gradcam(model, camfn.params(model), x)

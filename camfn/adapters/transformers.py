@@ -4,10 +4,11 @@ Imported by :mod:`camfn.adapters` only when a model of the ``transformers`` pack
 Inferred from the traced model and its config, never from a table of class names:
 
 =========================  ====================================================================================
-``layer``                  ViT-likes with prefix tokens (ViT, DeiT, BEiT, Dinov2, CLIP): the last block's first
-                           norm; token models without prefix tokens (Swin): the last hidden state (the last
-                           norm); CNNs (ResNet, ConvNeXt): the last element of the backbone's ``stages``;
-                           segmentation models (Segformer): the last channel-first map before the classifier
+``layer``                  CNNs and CNN backbones (ResNet, ConvNeXt, DETR): the last element of ``stages`` when
+                           it gives channel-first maps; ViT-likes with prefix tokens (ViT, DeiT, BEiT, Dinov2,
+                           CLIP): the last block's first norm; token models without prefix tokens (Swin,
+                           Segformer): the last hidden state (the last norm); else the last channel-first map
+                           before the layer giving segmentation logits
 ``layout``                 ``Tokens(prefix=p)`` for ``(B, N, D)`` layers, with ``p = N - (H / P)(W / P)`` from
                            the config's patch size ``P`` (CLS, distillation and register tokens)
 ``output``                 the first output field of ``logits``, ``logits_per_image``, ``image_embeds``,
@@ -143,15 +144,13 @@ def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor)
         return None
     shapes = trace.node_shapes(x)
     output = _output(shapes["output"])
-    layer, layout = None, None
-    block = token_layer(trace, x)
+    layer, layout = _stage(model, trace, x), None
+    block = token_layer(trace, x) if layer is None else None
     if block is not None:
         layout = _tokens(model, tuple(shapes[trace.resolve(block)][0]), x)
         layer = block if layout.prefix else (_last_norm(trace, x) or block)
-    else:
-        layer = _stage(model, trace, x)
-        if layer is None and output == "logits":
-            layer = _before_output(trace, x, shapes["output"]["logits"])
+    elif layer is None and output == "logits":
+        layer = _before_output(trace, x, shapes["output"]["logits"])
     target = None
     if output in EMBEDDINGS:
         with torch.no_grad():
