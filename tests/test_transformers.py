@@ -92,7 +92,8 @@ def _build(name: str) -> torch.nn.Module:
 
 
 NAMES = [
-    "vit", "deit", "beit", "dinov2", "dinov2_registers", "swin", "convnext", "resnet", "clip_vision", "segformer", "detr",
+    "vit", "deit", "beit", "dinov2", "dinov2_registers", "swin", "convnext", "resnet", "clip_vision", "segformer",
+    "detr",
 ]  # fmt: skip
 EXPECTED = {  # what the adapter infers: (layer, prefix tokens or None for channel-first maps, output)
     "vit": ("vit.layers.1.layernorm_before", 1, "logits"),
