@@ -294,6 +294,10 @@ def test_clip_model_with_input_ids(models, x):
     assert maps.shape == (2, SIZE, SIZE) and float(maps.std()) > 0
     one = camfn.gradcam(model, camfn.params(model), x[:1], None, 2, model_kwargs={"input_ids": ids})
     torch.testing.assert_close(one, maps[:1], atol=1e-6, rtol=0)
+    applied = camfn.apply(model, camfn.params(model), x, model_kwargs={"input_ids": ids})
+    torch.testing.assert_close(applied["logits_per_image"], before["logits_per_image"], atol=1e-6, rtol=0)
+    ablated = camfn.ablationcam(model, camfn.params(model), x, None, 2, model_kwargs={"input_ids": ids})
+    assert ablated.shape == (2, SIZE, SIZE) and torch.isfinite(ablated).all()  # the graph cut keeps the texts
     after = _outputs(model, x, input_ids=ids)
     for key in before:
         torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
@@ -351,6 +355,11 @@ def test_hidden_state_hooks_are_part_of_the_model(models, x):
         model(x, output_hidden_states=True)
     for hooks in ("error", "ignore"):
         torch.testing.assert_close(camfn.gradcam(model, camfn.params(model), x, None, 1, hooks=hooks), clean)
+    segformer = models("segformer")
+    _outputs(segformer, x)  # every Segformer forward leaves transformers' hooks on it
+    target = camfn.targets.segmentation(1)
+    kept = camfn.gradcam(segformer, camfn.params(segformer), x, None, target)
+    torch.testing.assert_close(camfn.gradcam(segformer, camfn.params(segformer), x, None, target, hooks="ignore"), kept)
 
 
 # ------------------------------------------------------------------------------- Cut on attention
