@@ -42,12 +42,14 @@ def stack_params(members: Sequence[Params]) -> Params:
     """
     members = list(members)
     if not members:
-        raise InputError("stack_params needs at least one parameter dict")
+        raise InputError("stack_params needs at least one parameter dict; pass a list of state dicts")
     keys = set(members[0])
     for i, member in enumerate(members[1:], 1):
         if set(member) != keys:
             diff = sorted(keys ^ set(member))[:3]
-            raise InputError(f"parameter dict {i} has different keys than dict 0 (e.g. {diff}); stack one architecture")
+            raise InputError(
+                f"parameter dict {i} has different keys than dict 0 (e.g. {diff}); pass dicts of one architecture"
+            )
     out = {}
     for key in members[0]:
         shapes = {tuple(m[key].shape) for m in members}

@@ -18,7 +18,10 @@ __all__ = ["check_input", "check_model", "check_params"]
 def check_input(x: object) -> Tensor:
     """``x`` must be a float tensor ``(B, C, H, W)`` (or ``(B, C, D, H, W)``)."""
     if not isinstance(x, Tensor):
-        raise InputError(f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}")
+        raise InputError(
+            f"x must be a torch.Tensor of shape (B, C, H, W), got {type(x).__name__}; pass torch.as_tensor(x) "
+            "(a numpy image (H, W, 3): camfn.viz.preprocess(image))"
+        )
     if not (x.is_floating_point() or x.is_complex()):
         raise InputError(
             f"x has dtype {x.dtype}; camfn needs a float input. Convert and normalise it as the model expects, "
@@ -30,19 +33,33 @@ def check_input(x: object) -> Tensor:
             "pass x[None] (or x.unsqueeze(0)) for a batch of one"
         )
     if x.ndim not in (4, 5):
-        raise InputError(f"x has shape {tuple(x.shape)}; expected (B, C, H, W) images or (B, C, D, H, W) volumes")
+        raise InputError(
+            f"x has shape {tuple(x.shape)}; expected (B, C, H, W) images or (B, C, D, H, W) volumes: reshape it to one "
+            "of these (x[None] adds a batch dimension)"
+        )
     if x.shape[0] == 0:
-        raise InputError("x has an empty batch (B = 0)")
+        raise InputError("x has an empty batch (B = 0); pass at least one sample")
     return x
 
 
-def check_model(model: nn.Module) -> None:
-    """Refuse BatchNorm layers that normalise with batch statistics (train mode, or no running stats).
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
 
-    Such layers make a sample's map depend on the rest of the batch and cannot run under ``vmap``.
-    camfn never switches the mode itself: that would change the user's module.
+
+def check_model(model: nn.Module) -> None:
+    """One mode policy: refuse every module whose train mode changes what it computes.
+
+    BatchNorm in train mode (or without running statistics) makes a sample's map depend on the rest of the
+    batch and cannot run under ``vmap``; Dropout in train mode makes two calls give two different maps.
+    Modules whose train mode computes the same (Linear, Conv, ...) are fine. camfn never switches the mode
+    itself: that would change the user's module.
     """
     for path, module in model.named_modules():
+        if isinstance(module, _DROPOUT) and module.training and module.p > 0:
+            raise ModeError(
+                f"{type(module).__name__} {path or '<model>'!r} is in train mode, so every call would drop other "
+                "units at random and two calls would give different maps. Call model.eval() before explaining "
+                "(camfn never switches modes on your model); copy.deepcopy(model).eval() keeps the original as is"
+            )
         if isinstance(module, nn.modules.batchnorm._NormBase) and isinstance(
             module, nn.modules.batchnorm._BatchNorm | nn.SyncBatchNorm
         ):
@@ -63,7 +80,13 @@ def check_model(model: nn.Module) -> None:
 def check_params(params: Any, trace: Traced, x: Tensor) -> None:
     """``params`` must be a dict of tensors whose shapes match the model's and whose dtype fits ``x``."""
     if not isinstance(params, dict):
-        raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
+        raise InputError(f"params must be a dict of tensors, got {type(params).__name__}; pass camfn.params(model)")
+    if torch.compiler.is_compiling():  # checked eagerly when camfn.compiled warmed up for this input
+        return
+    stamp = (x.dtype, x.device, *map(id, params.values()))
+    last = trace.checked
+    if last is not None and last[0] is params and last[1] == stamp:  # the same dict of the same tensors
+        return
     floats = []
     for key, value in params.items():
         if not isinstance(value, Tensor):
@@ -91,3 +114,4 @@ def check_params(params: Any, trace: Traced, x: Tensor) -> None:
             f"x is on {x.device} but params[{key!r}] is on {value.device}; move both to one device "
             f"(x.to({str(value.device)!r}))"
         )
+    trace.checked = (params, stamp)

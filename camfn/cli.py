@@ -35,240 +35,38 @@ import dataclasses
 import math
 import os
 import sys
-import zipfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import viz
+from . import targets, viz
 from .errors import CamfnError, InputError, OptionError, nearest
 from .evaluation import DEFAULT_METRICS
+from .files import check_folder
+from .images import MAX_PIXELS, ImageFolder, load_image, save_array, save_picture
+from .viz import preprocess
+from .zoo import Model, load_model
 
 __all__ = [
-    "ImageFolder",
-    "Model",
+    "ImageFolder",  # re-exported from camfn.images during the move
+    "Model",  # re-exported from camfn.zoo
     "Sample",
     "build_parser",
-    "load_image",
-    "load_model",
+    "load_image",  # re-exported from camfn.images
+    "load_model",  # re-exported from camfn.zoo
     "main",
     "parse_methods",
-    "preprocess",
+    "preprocess",  # re-exported from camfn.viz
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+MAX_SCALE = 64
+"""Largest ``--scale``; the pictures written must also stay within :data:`camfn.images.MAX_PIXELS`."""
 
 
-# ---------------------------------------------------------------------------------------------- models
-@dataclasses.dataclass
-class Model:
-    """A loaded model and how to feed it: normalisation, default input size and layer, class names."""
-
-    module: nn.Module
-    name: str
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    size: int | tuple[int, int] = 224  # shorter side, or exact (h, w)
-    layer: str | None = None  # None: camfn picks the last spatial layer
-    classes: Sequence[str] | None = None
-    hooks: str = "error"  # "ignore" for exported programs (their hooks only check and unflatten inputs)
-    note: str | None = None  # printed once (e.g. "random weights")
-
-
-def _torchvision_names() -> list[str]:
-    import torchvision
-
-    return sorted(torchvision.models.list_models(module=torchvision.models))
-
-
-def _timm_names() -> list[str]:
-    try:
-        import timm
-    except ImportError:
-        return []
-    return list(timm.list_models())
-
-
-def _read_state(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise InputError(f"weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise InputError(
-            f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0]}. "
-            "Pass a state dict saved with torch.save(model.state_dict(), path)"
-        ) from None
-    for key in ("state_dict", "model", "model_state_dict"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise InputError(f"{path} does not hold a state dict (a dict of tensors); save model.state_dict()")
-    return state
-
-
-def _num_classes(state: dict[str, Tensor]) -> int | None:
-    """Outputs of the last linear layer in a classifier's state dict (its last 2-d weight)."""
-    weights = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
-    return int(weights[-1].shape[0]) if weights else None
-
-
-def _load_state(module: nn.Module, state: dict[str, Tensor], name: str, path: Path) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        detail = "; ".join(line.strip() for line in str(e).splitlines()[1:4])
-        raise InputError(f"the weights in {path} do not fit {name}: {detail}. Check --model") from None
-
-
-def _shapes_model() -> Model:
-    from . import shapes
-
-    return Model(
-        shapes.load(),
-        "shapes",
-        mean=(shapes.MEAN,) * 3,
-        std=(shapes.STD,) * 3,
-        size=64,
-        layer=shapes.LAYER,
-        classes=shapes.CLASSES,
-    )
-
-
-def _torchvision_model(name: str, weights: Path | None, pretrained: bool) -> Model:
-    import torchvision
-
-    if pretrained:
-        try:
-            module = torchvision.models.get_model(name, weights="DEFAULT")
-        except Exception as e:
-            raise InputError(
-                f"could not download the pretrained weights of {name} ({type(e).__name__}: {e}). "
-                "Check the internet connection, or download the weights elsewhere and pass --weights FILE"
-            ) from None
-        meta = torchvision.models.get_model_weights(name).DEFAULT.meta
-        return Model(module.eval(), name, classes=meta.get("categories"))
-    state = _read_state(weights) if weights else None
-    classes = _num_classes(state) if state else None
-    with torch.random.fork_rng(devices=[]):  # the same random weights on every run, global RNG untouched
-        torch.manual_seed(0)
-        module = torchvision.models.get_model(name, **({"num_classes": classes} if classes else {}))
-    if state is not None:
-        _load_state(module, state, name, weights)  # type: ignore[arg-type]
-        return Model(module.eval(), name)
-    return Model(module.eval(), name, note=f"{name} has random weights: the map shows the network, not the object")
-
-
-def _timm_model(name: str, weights: Path | None, pretrained: bool) -> Model:
-    import timm
-
-    state = _read_state(weights) if weights else None
-    kwargs = {"num_classes": _num_classes(state)} if state and _num_classes(state) else {}
-    try:
-        with torch.random.fork_rng(devices=[]):  # the same random weights on every run, global RNG untouched
-            torch.manual_seed(0)
-            module = timm.create_model(name, pretrained=pretrained, **kwargs)
-    except Exception as e:
-        if not pretrained:
-            raise
-        raise InputError(
-            f"could not download the pretrained weights of {name} ({type(e).__name__}: {e}). "
-            "Check the internet connection, or pass --weights FILE"
-        ) from None
-    if state is not None:
-        _load_state(module, state, name, weights)  # type: ignore[arg-type]
-    cfg = getattr(module, "pretrained_cfg", {}) or {}
-    size = cfg.get("input_size", (3, 224, 224))[1:]
-    note = None if (pretrained or state) else f"{name} has random weights: the map shows the network, not the object"
-    return Model(
-        module.eval(),
-        name,
-        mean=tuple(cfg.get("mean", IMAGENET_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_STD)),
-        size=int(min(size)),
-        note=note,
-    )
-
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(
-            n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/__torch__/" in n for n in archive.namelist()
-        )
-
-
-def _exported_model(path: Path) -> Model:
-    try:
-        program = torch.export.load(path)
-    except Exception as e:
-        raise InputError(f"cannot load {path} with torch.export.load: {type(e).__name__}: {e}") from None
-    placeholders = [n for n in program.graph.nodes if n.op == "placeholder"]
-    user = set(program.graph_signature.user_inputs)
-    shapes = [tuple(n.meta["val"].shape) for n in placeholders if n.name in user and "val" in n.meta]
-    size: int | tuple[int, int] = 224
-    if len(shapes) == 1 and len(shapes[0]) == 4 and all(isinstance(s, int) for s in shapes[0][2:]):
-        size = (int(shapes[0][2]), int(shapes[0][3]))
-    return Model(program.module(), path.name, size=size, hooks="ignore")
-
-
-def _file_model(path: Path, weights: Path | None) -> Model:
-    if not path.is_file():
-        raise InputError(f"model file not found: {path}")
-    if weights is not None:
-        raise OptionError("--weights goes with an architecture name (--model resnet18 --weights FILE), not a file")
-    if path.suffix == ".pt2":
-        return _exported_model(path)
-    if _is_torchscript(path):
-        raise InputError(
-            f"{path} is a TorchScript model, which torch.fx cannot trace. Export the model instead: "
-            "torch.export.save(torch.export.export(model, (example_input,)), 'model.pt2'), and pass the .pt2 file"
-        )
-    raise InputError(
-        f"{path} is neither a torch.export program (.pt2) nor TorchScript. For a state dict pass the "
-        f"architecture and the file: --model resnet18 --weights {path}"
-    )
-
-
-def load_model(spec: str, weights: Path | None = None, pretrained: bool = False) -> Model:
-    """Load ``spec``: ``"shapes"``, a torchvision or timm model name, or a ``.pt2`` file; in eval mode.
-
-    Unknown names raise :class:`~camfn.errors.InputError` listing the nearest known names.
-
-    Example:
-        >>> from camfn.cli import load_model
-        >>> loaded = load_model("resnet18")
-        >>> loaded.module.training, loaded.size, loaded.note
-        (False, 224, 'resnet18 has random weights: the map shows the network, not the object')
-    """
-    if pretrained and weights is not None:
-        raise OptionError("pass either --pretrained or --weights FILE, not both")
-    if spec == "shapes":
-        if weights is not None or pretrained:
-            raise OptionError("the shapes model ships with its weights; drop --weights/--pretrained")
-        return _shapes_model()
-    path = Path(spec)
-    if path.suffix in (".pt2", ".pt", ".pth", ".ts", ".zip") or path.exists():
-        return _file_model(path, weights)
-    if spec in _torchvision_names():
-        return _torchvision_model(spec, weights, pretrained)
-    timm_names = _timm_names()
-    if spec in timm_names:
-        return _timm_model(spec, weights, pretrained)
-    hint = nearest(spec, ["shapes", *_torchvision_names(), *timm_names], n=5)
-    raise InputError(
-        f"unknown model {spec!r}. Nearest names: {', '.join(hint) or '(none)'}. Use 'shapes', a torchvision "
-        "classification model (torchvision.models.list_models()), a timm model name, or a .pt2 file"
-    )
-
-
-# ---------------------------------------------------------------------------------------------- images
 @dataclasses.dataclass
 class Sample:
     """One image to explain: a name (output file stem), the picture shown, and the network input."""
@@ -276,50 +74,6 @@ class Sample:
     name: str
     picture: Tensor  # (3, H, W) in [0, 1], the image's own size
     x: Tensor  # (1, 3, h, w), resized and normalised
-
-
-def load_image(path: Path) -> Tensor:
-    """Read an image file as ``(3, H, W)`` in ``[0, 1]``; a clear :class:`InputError` when it cannot."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.exists():
-        raise InputError(f"image not found: {path}")
-    if path.is_dir():
-        raise InputError(f"{path} is a folder; pass image files (e.g. {path}/*.jpg)")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return viz.as_image(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise InputError(
-            f"cannot read image {path}: {type(e).__name__}: {e}. Pass a PNG, JPEG or other image PIL reads"
-        ) from None
-
-
-def _target_size(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int]:
-    if isinstance(size, tuple):
-        return size
-    short = min(h, w)
-    return max(1, round(h * size / short)), max(1, round(w * size / short))
-
-
-def preprocess(picture: Tensor, size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """``(3, H, W)`` in ``[0, 1]`` -> network input ``(1, 3, h, w)``: bilinear resize (antialiased), then
-    ``(pixel - mean) / std`` per channel. ``size``: the shorter side, or an exact ``(h, w)``.
-
-    Example:
-        >>> import torch
-        >>> from camfn.cli import preprocess
-        >>> preprocess(torch.full((3, 10, 20), 0.5), 5, (0.5,) * 3, (0.25,) * 3).shape
-        torch.Size([1, 3, 5, 10])
-    """
-    h, w = _target_size(picture.shape[1], picture.shape[2], size)
-    x = picture[None]
-    if (h, w) != tuple(picture.shape[1:]):
-        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    mean_t = torch.tensor(mean, dtype=x.dtype).reshape(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=x.dtype).reshape(1, -1, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def _demo_sample() -> Sample:
@@ -331,28 +85,71 @@ def _demo_sample() -> Sample:
 
 
 def _parse_size(text: str) -> int | tuple[int, int]:
+    """``--size``: a shorter side ``224`` or an exact ``HxW``, each side 1..8192."""
     try:
         if "x" in text.lower():
             h, w = (int(v) for v in text.lower().split("x"))
-            if h >= 1 and w >= 1:
+            if 1 <= h <= 8192 and 1 <= w <= 8192:
                 return h, w
-        elif int(text) >= 1:
+        elif 1 <= int(text) <= 8192:
             return int(text)
     except ValueError:
         pass
-    raise argparse.ArgumentTypeError(f"{text!r}: use a whole number (the shorter side) or HxW, e.g. 224 or 224x320")
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: use a whole number from 1 to 8192 (the shorter side) or HxW, e.g. 224 or 224x320"
+    )
 
 
-def _floats(text: str) -> tuple[float, ...]:
+def _floats(positive: bool) -> Callable[[str], tuple[float, ...]]:
+    """``--mean`` / ``--std``: one finite number or three, comma separated (``--std``: each > 0)."""
+
+    def parse(text: str) -> tuple[float, ...]:
+        try:
+            values = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            values = ()
+        if len(values) not in (1, 3) or not all(math.isfinite(v) and (v > 0 or not positive) for v in values):
+            need = "positive finite numbers" if positive else "finite numbers"
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: use one number or three, comma separated ({need}, e.g. 0.229,0.224,0.225)"
+            )
+        return values * 3 if len(values) == 1 else values
+
+    return parse
+
+
+def _whole(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole-number flag in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{text!r}: use a whole number {span}")
+        return value
+
+    return parse
+
+
+def _unit(text: str) -> float:
     try:
-        values = tuple(float(v) for v in text.split(","))
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use one number or three, comma separated (0.485,0.456,0.406)"
-        ) from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"{text!r}: use one number or three, comma separated")
-    return values * 3 if len(values) == 1 else values
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: use a number between 0 (image only) and 1 (map only)")
+    return value
+
+
+def _colormap(text: str) -> str:
+    try:
+        viz.colorize(torch.zeros(1, 1), text)
+    except OptionError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- methods
@@ -402,28 +199,27 @@ def _as_map(m: Tensor) -> Tensor:
         m = (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else torch.zeros_like(m)
     if m.ndim != 2:
         raise InputError(f"the method returned maps of shape {tuple(m.shape)}; camfn explain draws (H, W) maps")
+    if not bool(torch.isfinite(m).all()):
+        raise InputError(
+            "the map holds NaN or Inf values (a non-finite input, weight or score); check --weights, --mean and --std"
+        )
     return m
 
 
 # ---------------------------------------------------------------------------------------------- output
-class Progress:
-    """A one-line progress bar on a terminal (nothing when quiet or not a terminal)."""
+def progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar on stderr over ``total`` steps (``.update()``, ``.close()``), or None.
 
-    def __init__(self, total: int, stream: TextIO, enabled: bool) -> None:
-        self.total, self.stream, self.done = total, stream, 0
-        self.enabled = enabled and total > 1 and getattr(stream, "isatty", lambda: False)()
-
-    def step(self, label: str) -> None:
-        if self.enabled:
-            filled = round(20 * self.done / self.total)
-            self.stream.write(f"\r[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.total} {label:<24}")
-            self.stream.flush()
-        self.done += 1
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 60 + "\r")
-            self.stream.flush()
+    None when ``enabled`` is False, for a single step, or when tqdm is not installed (an optional dependency:
+    ``pip install camfn[progress]``); tqdm itself shows nothing when stderr is not a terminal.
+    """
+    if not enabled or total <= 1:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, file=sys.stderr, leave=False, disable=None, unit="map")
 
 
 def _say(args: argparse.Namespace, text: str, err: bool = False) -> None:
@@ -438,6 +234,8 @@ def _target(text: str | None, classes: Sequence[str] | None) -> int | None:
         value = int(text)
         if value < 0:
             raise OptionError(f"--target {value}: class indices start at 0")
+        if value >= 2**31:
+            raise OptionError(f"--target {value} is out of range: pass a class index of the model (0..classes - 1)")
         return value
     if classes and text in classes:
         return list(classes).index(text)
@@ -449,12 +247,8 @@ def _target(text: str | None, classes: Sequence[str] | None) -> int | None:
     )
 
 
-def _samples(args: argparse.Namespace, loaded: Model, size: int | tuple[int, int]) -> list[Sample]:
-    if not args.images:
-        demo = _demo_sample()
-        if loaded.name != "shapes":
-            demo.x = preprocess(demo.picture, size, loaded.mean, loaded.std)
-        return [demo]
+def _pictures(args: argparse.Namespace) -> list[tuple[str, Tensor]]:
+    """The images to explain as (file stem, picture); stems made unique."""
     out, stems = [], set()
     for path in args.images:
         picture = load_image(Path(path))
@@ -462,8 +256,36 @@ def _samples(args: argparse.Namespace, loaded: Model, size: int | tuple[int, int
         while stem in stems:  # two images with the same file name in different folders
             stem += "_"
         stems.add(stem)
-        out.append(Sample(stem, picture, preprocess(picture, size, loaded.mean, loaded.std)))
+        out.append((stem, picture))
     return out
+
+
+def _samples(pictures: list[tuple[str, Tensor]], loaded: Model, size: int | tuple[int, int]) -> list[Sample]:
+    if not pictures:
+        demo = _demo_sample()
+        if loaded.name != "shapes":
+            demo.x = preprocess(demo.picture, size, loaded.mean, loaded.std)
+        return [demo]
+    for name, picture in pictures:
+        h, w = viz._target_size(picture.shape[1], picture.shape[2], size)
+        if h * w > MAX_PIXELS:
+            raise OptionError(f"--size {size}: {name} would become a {h} x {w} input, too large; pass a smaller --size")
+    return [Sample(name, picture, preprocess(picture, size, loaded.mean, loaded.std)) for name, picture in pictures]
+
+
+def _check_picture_sizes(args: argparse.Namespace, pictures: Sequence[Tensor], methods: int) -> None:
+    """The pictures ``--scale`` asks for must stay within :data:`~camfn.images.MAX_PIXELS`."""
+    if methods == 1:
+        pixels = max(p.shape[1] * p.shape[2] for p in pictures) * args.scale**2
+    else:
+        columns = min(methods + 1, viz.WRAP) if len(pictures) == 1 else methods + 1
+        lines = len(pictures) * math.ceil((methods + 1) / columns)
+        pixels = (128 * args.scale) ** 2 * columns * lines
+    if pixels > MAX_PIXELS:
+        raise OptionError(
+            f"--scale {args.scale}: the picture would have {pixels} pixels (more than {MAX_PIXELS}); pass a "
+            "smaller --scale"
+        )
 
 
 def _device(name: str) -> torch.device:
@@ -502,11 +324,9 @@ def _run_method(
 
 def _explain(args: argparse.Namespace) -> int:
     names = parse_methods(args.method)
-    for path in args.images:  # fail on files before loading a model
-        load_image(Path(path))
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; pass a folder (it is created when missing)")
+    check_folder(out, "--out")
+    pictures = _pictures(args)  # fail on files before loading a model
     device = _device(args.device)
     loaded = load_model(args.model, Path(args.weights) if args.weights else None, args.pretrained)
     if loaded.note:
@@ -516,61 +336,68 @@ def _explain(args: argparse.Namespace) -> int:
     mean, std = args.mean or loaded.mean, args.std or loaded.std
     if args.mean or args.std or args.size:
         loaded = dataclasses.replace(loaded, mean=mean, std=std)
-    samples = _samples(args, loaded, size)
+    samples = _samples(pictures, loaded, size)
+    _check_picture_sizes(args, [s.picture for s in samples], len(names))
     module = loaded.module.to(device)
     import camfn
 
     params = camfn.params(module)
     layer = args.layer or loaded.layer
     methods = _methods()
-    out.mkdir(parents=True, exist_ok=True)
-    progress = Progress(len(samples) * len(names), sys.stderr, not args.quiet)
+    bar = progress(len(samples) * len(names), not args.quiet)
     maps: dict[str, list[Tensor]] = {n: [] for n in names}
     failed: dict[str, CamfnError] = {}
     titles = []
-    for sample in samples:
-        x = sample.x.to(device)
-        with torch.no_grad():
-            logits = module(x)
-        chosen = target if target is not None else int(logits[0].argmax())
-        if isinstance(logits, Tensor) and logits.ndim == 2 and chosen >= logits.shape[1]:
-            raise OptionError(f"--target {chosen}: the model has {logits.shape[1]} classes (0..{logits.shape[1] - 1})")
-        label = loaded.classes[chosen] if loaded.classes and chosen < len(loaded.classes) else str(chosen)
-        prob = float(torch.softmax(logits[0].float(), 0)[chosen]) if isinstance(logits, Tensor) else math.nan
-        titles.append(f"{sample.name}: {label} (p={prob:.2f})")
-        for name in names:
-            progress.step(f"{sample.name} {name}")
-            if name in failed:
-                continue
-            try:
-                m = _run_method(methods[name], name, module, params, x, layer, chosen, loaded)
-            except CamfnError as e:
-                if len(names) == 1:
-                    progress.close()
-                    raise
-                failed[name] = e
-                continue
-            maps[name].append(_as_map(m[0]))
-    progress.close()
+    try:
+        for sample in samples:
+            x = sample.x.to(device)
+            with torch.no_grad():
+                logits = module(x)
+            if isinstance(logits, Tensor) and not bool(torch.isfinite(logits).all()):
+                raise InputError(
+                    f"the model's output for {sample.name} holds NaN or Inf (non-finite weights or input); check "
+                    "--weights, --mean and --std"
+                )
+            num_classes = logits.shape[1] if isinstance(logits, Tensor) and logits.ndim == 2 else None
+            chosen = int(targets.classes(target, 1, num_classes)[0](logits)[0, 0])
+            label = loaded.classes[chosen] if loaded.classes and chosen < len(loaded.classes) else str(chosen)
+            prob = float(torch.softmax(logits[0].float(), 0)[chosen]) if isinstance(logits, Tensor) else math.nan
+            titles.append(f"{sample.name}: {label} (p={prob:.2f})")
+            for name in names:
+                if bar is not None:
+                    bar.set_description(f"{sample.name} {name}")
+                    bar.update()
+                if name in failed:
+                    continue
+                try:
+                    m = _as_map(_run_method(methods[name], name, module, params, x, layer, chosen, loaded)[0])
+                except CamfnError as e:
+                    if len(names) == 1:
+                        raise
+                    failed[name] = e
+                    continue
+                maps[name].append(m)
+    finally:
+        if bar is not None:
+            bar.close()
     if len(failed) == len(names):  # nothing to draw: the first error says why (e.g. an unknown layer)
         raise next(iter(failed.values()))
     for name, e in failed.items():
         _say(args, f"note: {name} skipped: {e}", err=True)
         maps.pop(name)
     layer_text = layer or camfn.default_layer(module, samples[0].x.to(device), hooks=loaded.hooks)
+    out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.npy:
-        import numpy as np
-
         for name, per in maps.items():
             for sample, m in zip(samples, per, strict=True):
-                np.save(out / f"{sample.name}_{name}.npy", m.numpy())
+                save_array(m.numpy(), out / f"{sample.name}_{name}.npy")
                 written.append(out / f"{sample.name}_{name}.npy")
     if len(names) == 1:
         (name,) = maps
         for sample, m, title in zip(samples, maps[name], titles, strict=True):
             path = out / f"{sample.name}_{name}.png"
-            viz.overlay(sample.picture, m, args.cmap, args.alpha, args.scale).save(path)
+            save_picture(viz.overlay(sample.picture, m, args.cmap, args.alpha, args.scale), path)
             _say(args, f"wrote {path}  ({name} at {layer_text}, target {title.split(': ', 1)[1]})")
     else:
         path = out / (f"{samples[0].name}_methods.png" if len(samples) == 1 else "methods.png")
@@ -582,7 +409,7 @@ def _explain(args: argparse.Namespace) -> int:
             cell=128 * args.scale,
             row_titles=titles,
         )
-        picture.save(path)
+        save_picture(picture, path)
         _say(args, f"wrote {path}  ({len(maps)} methods x {len(samples)} image(s) at {layer_text})")
     for path in written:
         _say(args, f"wrote {path}")
@@ -618,43 +445,6 @@ def _list_methods(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- eval
-class ImageFolder(torch.utils.data.Dataset):
-    """Images under ``root`` (sorted paths), each resized to exactly ``size`` and normalised; optional labels.
-
-    Labels come from subfolder names when every image sits in a subfolder and every subfolder name is a
-    class name of the model (``classes``) or a class index; otherwise items carry no label.
-    """
-
-    def __init__(
-        self,
-        root: Path,
-        size: tuple[int, int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        classes: Sequence[str] | None = None,
-    ) -> None:
-        if not root.is_dir():
-            raise InputError(f"{root} is not a folder; pass 'shapes' or a folder of images")
-        self.paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.paths:
-            raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
-        self.size, self.mean, self.std = size, mean, std
-        folders = [p.parent.relative_to(root).as_posix() for p in self.paths]
-        self.labels: list[int] | None = None
-        if all(f != "." and "/" not in f for f in folders):
-            if classes and all(f in classes for f in folders):
-                self.labels = [list(classes).index(f) for f in folders]
-            elif all(f.isdigit() for f in folders):
-                self.labels = [int(f) for f in folders]
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, int]:
-        x = preprocess(load_image(self.paths[i]), self.size, self.mean, self.std)[0]
-        return x if self.labels is None else (x, self.labels[i])
-
-
 def _eval_device(name: str) -> torch.device:
     if name != "auto":
         return _device(name)
@@ -682,12 +472,11 @@ def _eval(args: argparse.Namespace) -> int:
     if len(methods) != 1:
         raise OptionError(f"--method {args.method!r}: camfn eval takes one method per run (one report each)")
     names = [n.strip() for n in args.metrics.split(",") if n.strip()]
+    check_folder(Path(args.out), "--out")
     device = _eval_device(args.device)
     loaded = load_model(args.model, Path(args.weights) if args.weights else None, args.pretrained)
     size = args.size or loaded.size
     if args.data == "shapes":
-        if args.samples < 1:
-            raise OptionError(f"--samples {args.samples}: use a positive number of images")
         side = size if isinstance(size, int) else size[0]
         batch = shapes.make(args.samples, size=side, seed=shapes.TEST_SEED)
         data: Any = torch.utils.data.TensorDataset(batch.images, batch.labels, batch.boxes)
@@ -698,31 +487,43 @@ def _eval(args: argparse.Namespace) -> int:
         )
     module = loaded.module.to(device)
     rank = int(os.environ.get("RANK", "0"))
-    options = {n: {"steps": args.steps} for n in names if n in ("deletion", "insertion") and args.steps}
+    options = {n: {"steps": args.steps} for n in names if n in ("deletion", "insertion") and args.steps is not None}
     dtype = {"float16": torch.float16, "float32": torch.float32}[args.maps_dtype]
-    report = ev.evaluate(
-        methods[0],
-        module,
-        data,
-        args.layer or loaded.layer,
-        out_dir=args.out,
-        shard_size=args.shard_size,
-        batch_size=args.batch_size,
-        target=_eval_target(args.target, loaded.classes),
-        metrics=names,
-        metric_options=options,
-        maps_dtype=dtype,
-        device=device,
-        hooks=loaded.hooks,
-        log=None if args.quiet else _log_line,
-    )
+
+    def log(line: str) -> None:  # warnings (damaged shards recomputed) are shown even with --quiet
+        if not args.quiet or line.startswith("warning:"):
+            _log_line(line)
+
+    with warnings.catch_warnings():  # evaluate() both warns and logs each warning: print it once, via log
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"camfn\.evaluation")
+        report = ev.evaluate(
+            methods[0],
+            module,
+            data,
+            args.layer or loaded.layer,
+            out_dir=args.out,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            target=_eval_target(args.target, loaded.classes),
+            metrics=names,
+            metric_options=options,
+            maps_dtype=dtype,
+            device=device,
+            hooks=loaded.hooks,
+            log=log,
+        )
     if rank == 0:
         for name, reason in report["skipped"].items():
             _say(args, f"note: {name} skipped: {reason}", err=True)
         width = max(map(len, report["metrics"]), default=6)
         _say(args, f"{'metric':<{width}}  {'mean':>8}  {'std':>8}  count")
         for name, m in report["metrics"].items():
-            _say(args, f"{name:<{width}}  {m['mean']:8.4f}  {m['std']:8.4f}  {m['count']}")
+            mean, std = (f"{v:8.4f}" if v is not None else f"{'-':>8}" for v in (m["mean"], m["std"]))
+            _say(args, f"{name:<{width}}  {mean}  {std}  {m['count']}")
+        if report["failed"]:
+            shown = ", ".join(str(f["index"]) for f in report["failed"][:20])
+            more = " ..." if len(report["failed"]) > 20 else ""
+            _say(args, f"note: {len(report['failed'])} sample(s) failed (not scored): {shown}{more}", err=True)
         _say(args, f"wrote {Path(args.out) / 'report.json'} ({report['samples']} samples, {report['shards']} shards)")
     return 0
 
@@ -732,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``camfn`` (sub-commands ``explain``, ``eval``, ``layers``, ``methods``)."""
     parser = argparse.ArgumentParser(prog="camfn", description="Class activation maps (Grad-CAM family) for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected failures")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods,app}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="shapes", help="shapes (default), a torchvision or timm name, or a .pt2 file")
@@ -750,11 +551,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--target", help="class index or name (default: each image's top-1 class)")
     ex.add_argument("--out", default="out", help="output folder (created; default: out)")
     ex.add_argument("--npy", action="store_true", help="also save each map as .npy")
-    ex.add_argument("--cmap", default="jet", choices=viz.COLORMAPS, help="colormap (default jet)")
-    ex.add_argument("--alpha", type=float, default=0.5, help="map opacity in [0, 1] (default 0.5)")
-    ex.add_argument("--scale", type=int, default=1, help="upscale pictures by this whole factor (default 1)")
-    ex.add_argument("--mean", type=_floats, help="normalisation mean, 1 or 3 numbers (default per model)")
-    ex.add_argument("--std", type=_floats, help="normalisation std, 1 or 3 numbers (default per model)")
+    ex.add_argument(
+        "--cmap", default="jet", type=_colormap, help="jet (default), turbo, viridis, or a matplotlib colormap name"
+    )
+    ex.add_argument("--alpha", type=_unit, default=0.5, help="map opacity in [0, 1] (default 0.5)")
+    ex.add_argument(
+        "--scale", type=_whole(1, MAX_SCALE), default=1, help="upscale pictures by this whole factor (default 1)"
+    )
+    ex.add_argument("--mean", type=_floats(False), help="normalisation mean, 1 or 3 numbers (default per model)")
+    ex.add_argument("--std", type=_floats(True), help="normalisation std, 1 or 3 numbers > 0 (default per model)")
     ex.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ex.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     ex.set_defaults(run=_explain)
@@ -767,14 +572,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--method", default="gradcam", help="one method (default gradcam)")
     ev.add_argument("--target", help="label (default: the data set's label, else top-1), top1, or a class index/name")
     ev.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma list (default: %(default)s)")
-    ev.add_argument("--steps", type=int, help="deletion/insertion steps (default 32)")
+    ev.add_argument("--steps", type=_whole(1, 4096), help="deletion/insertion steps (default 32)")
     ev.add_argument("--out", default="out/eval", help="output folder (default out/eval); a rerun resumes it")
-    ev.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
-    ev.add_argument("--batch-size", type=int, default=16, help="samples per forward (default 16)")
-    ev.add_argument("--samples", type=int, default=256, help="images of the shapes test split (default 256)")
+    ev.add_argument("--shard-size", type=_whole(1), default=64, help="samples per shard file (default 64)")
+    ev.add_argument("--batch-size", type=_whole(1), default=16, help="samples per forward (default 16)")
+    ev.add_argument(
+        "--samples", type=_whole(1, 1 << 20), default=256, help="images of the shapes test split (default 256)"
+    )
     ev.add_argument("--maps-dtype", default="float16", choices=("float16", "float32"), help="stored maps' dtype")
-    ev.add_argument("--mean", type=_floats, help="normalisation mean for image folders (default per model)")
-    ev.add_argument("--std", type=_floats, help="normalisation std for image folders (default per model)")
+    ev.add_argument("--mean", type=_floats(False), help="normalisation mean for image folders (default per model)")
+    ev.add_argument("--std", type=_floats(True), help="normalisation std for image folders (default per model)")
     ev.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK when CUDA is there, else cpu), cpu, cuda:N")
     ev.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     ev.set_defaults(run=_eval)
@@ -785,14 +592,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     me = sub.add_parser("methods", help="list the methods")
     me.set_defaults(run=_list_methods)
+
+    from .app import add_parser as add_app_parser  # camfn app: the web explorer (extra camfn[app])
+
+    add_app_parser(sub)
     return parser
-
-
-def _check(args: argparse.Namespace) -> None:
-    if getattr(args, "alpha", 0.5) is not None and not 0 <= getattr(args, "alpha", 0.5) <= 1:
-        raise OptionError(f"--alpha {args.alpha}: use a number between 0 (image only) and 1 (map only)")
-    if getattr(args, "scale", 1) < 1:
-        raise OptionError(f"--scale {args.scale}: use a whole number >= 1")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -804,7 +608,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     args.quiet = getattr(args, "quiet", False)
     try:
-        _check(args)
         return int(args.run(args))
     except CamfnError as e:
         print(f"camfn: error: {e}", file=sys.stderr)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .driver import Maps
-from .errors import OptionError
+from .errors import InputError, OptionError
 from .layer_names import Layer
 from .noise import pinned
 from .targets import Target
@@ -132,8 +132,8 @@ def compiled(
     Gradients flow through the compiled call to ``params`` (differentiable maps) as through the eager one.
     See the module docstring for how the impure steps stay outside the compiled graph.
     """
-    if not callable(method):
-        raise TypeError(f"method must be a camfn method such as camfn.gradcam, got {type(method).__name__}")
+    if not callable(method) or isinstance(method, nn.Module):
+        raise InputError(f"method must be a camfn method such as camfn.gradcam, got {type(method).__name__}; pass one")
     return Compiled(method, model, layer, options, {"backend": backend, "mode": mode})
 
 

@@ -44,12 +44,12 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .adapters import Defaults, defaults
-from .checks import check_input, check_model, check_params
+from .checks import check_input, check_params
 from .chunks import chunked, copies_per_forward
-from .errors import InputError, LayerError, OptionError
+from .errors import InputError, LayerError, OptionError, TargetError
 from .inference import bind
 from .layer_names import Layer as LayerName
-from .layer_names import resolve_layers, spatial, token_layer
+from .layer_names import layer_names, resolve_layers, spatial, token_layer
 from .layout import layout_fn, patch_gradient_vanishes, prefix_of, pull_back
 from .options import Option, validate
 from .postprocess import finish, first_component, normalize
@@ -157,7 +157,7 @@ class Layer:
 
     def score_inputs(self, inputs: Tensor) -> Tensor:
         """Scores ``(c, B, T)`` of a chunk of perturbed inputs ``(c, B, C, *spatial)`` (the whole network)."""
-        return _score_chunk(self.call.forward_network(), self.call.score, inputs)
+        return _score_chunk(self.call.forward_network(), self.call.score, inputs, flat=self.call.trace.batch is None)
 
     def score_ablated(self, maps: Tensor) -> Tensor:
         """Scores ``(c, B, T)`` with the layer's activation replaced by ``maps`` ``(c, B, K, *spatial)``
@@ -172,7 +172,8 @@ class Layer:
             back = pull_back(self.to_maps, like, (maps - base).flatten(0, 1)).unflatten(0, maps.shape[:2])
             maps = self.raw.unsqueeze(0) + back
         fast, tail = self._fast, self.cut.tail
-        return _score_chunk(lambda *args: tail(fast, *args), self.call.score, maps, *self.extras)
+        flat = self.call.trace.batch is None
+        return _score_chunk(lambda *args: tail(fast, *args), self.call.score, maps, *self.extras, flat=flat)
 
     def gradients_at(self, inputs: Tensor) -> Tensor:
         """``dS/dA`` at this layer for a chunk of inputs ``(c, B, C, *spatial)`` with the call's target:
@@ -180,7 +181,8 @@ class Layer:
         call, b = self.call, self.x.shape[0]
         injected = inject(call.trace, [self.node])
         info = call.trace.node_shapes(self.x)["output"]
-        if isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], torch.Size):  # a tensor output
+        plain = isinstance(info, tuple) and len(info) == 2 and isinstance(info[0], torch.Size)  # a tensor output
+        if plain and call.trace.batch is None:  # one batched pass (a graph fixed to B samples runs per copy)
 
             def flat_score(out: Tensor) -> Tensor:
                 return vmap(call.score)(out.unflatten(0, (-1, b))).flatten(0, 1)
@@ -196,15 +198,16 @@ def _as_bt(s: Tensor, batch: int) -> Tensor:
     return s.reshape(batch, -1)
 
 
-def _score_chunk(run: Callable[..., Any], score: Any, inputs: Tensor, *extras: Any) -> Tensor:
+def _score_chunk(run: Callable[..., Any], score: Any, inputs: Tensor, *extras: Any, flat: bool = True) -> Tensor:
     """Scores ``(c, B, T)`` of a chunk of perturbed inputs ``(c, B, ...)``.
 
     The network runs once on the flattened ``c * B`` batch (``vmap`` over the chunk costs ~60% more on
     CPU); tensor ``extras`` are repeated along. Non-tensor extras (sizes read before a cut) pin the batch
-    size, so those chunks run under ``vmap`` instead. Only the cheap score selection is ``vmap``-ed.
+    size, so those chunks run under ``vmap`` instead (as do graphs fixed to one batch size: ``flat=False``).
+    Only the cheap score selection is ``vmap``-ed.
     """
     c, b = inputs.shape[:2]
-    if all(isinstance(e, Tensor) and e.ndim and e.shape[0] == b for e in extras):
+    if flat and all(isinstance(e, Tensor) and e.ndim and e.shape[0] == b for e in extras):
         flat = [e.unsqueeze(0).expand(c, *e.shape).flatten(0, 1) for e in extras]
         batch = inputs.flatten(0, 1)
         if batch.ndim == 4 and not in_transform():  # see channels_last
@@ -339,9 +342,13 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
     """Run method ``spec``: the eight steps of the module docstring."""
     opts = validate(options, spec.options)
     x = check_input(x)
-    if isinstance(model, nn.Module):
-        check_model(model)
-    elif not callable(model):
+    bad_input = _nonfinite_samples(x)
+    if bad_input and opts["nonfinite"] == "raise":
+        raise InputError(
+            f"x has NaN or Inf values in sample(s) {bad_input[:10]}; a map of them would be meaningless. Clean the "
+            "input (torch.nan_to_num, or drop those samples), or pass nonfinite='nan' to get NaN maps for them"
+        )
+    if not isinstance(model, nn.Module) and not callable(model):
         raise_model(model)
     trace = traced(
         model,
@@ -363,11 +370,16 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
             "maps); for a ViT pass the last block's first norm, "
             + (f"here layer={tokens!r}" if tokens else "e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1'")
         )
-    nodes, single = resolve_layers(trace, model, layer, x)
+    trace, nodes, single = _resolve(trace, model, params, layer, x, opts)
     if opts["layout"] is None and hint.layout is not None and all(_tokens_layer(trace, n, x) for n in nodes):
         opts["layout"] = hint.layout
     for node in nodes:
         _check_spatial(trace, node, x, opts)
+    size = opts["size"]
+    if isinstance(size, tuple) and len(size) != x.ndim - 2:
+        raise OptionError(
+            f"size={size}: the maps have {x.ndim - 2} spatial dimension(s); pass {x.ndim - 2} sizes, 'input' or None"
+        )
     call = _Call(spec, model, params, x, trace, opts, target)
     fns = [_layout(trace, n, x, opts) for n in nodes]
     n_classes = num_classes(trace, x, opts["output"])
@@ -377,6 +389,9 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
         call.score = scores(target, x.shape[0], n_classes, opts["output"])
         result = gradients(inject(trace, nodes), params, x, call.score)
         squeeze, call.output = result.squeeze, result.output
+        _check_scores(call, result.scores, bad_input, opts)
+        if call.target_is_callable and concrete(x):
+            _check_dependence(call, result.grads)
         for node, fn, a, g in zip(nodes, fns, result.acts, result.grads, strict=True):
             if opts["layout"] is not None and concrete(x):
                 _check_patch_gradients(call, node, g, fn)
@@ -399,6 +414,7 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
         y = call.score(call.output)
         squeeze = y.ndim == 1
         y = _as_bt(y, x.shape[0])
+        _check_scores(call, y, bad_input, opts)
         for i, (node, fn, a) in enumerate(zip(nodes, fns, acts, strict=True)):
             view = Layer(fn(a).unsqueeze(1), None, y, x, opts, node, call, a, fn)
             if spec.needs == "cut":
@@ -406,6 +422,7 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
             views.append(view)
     raw = [_reduce(spec.fn(view), spec.eigen or opts["eigen_smooth"]) for view in views]
     maps = [finish(m, x, relu=opts["relu"], size=opts["size"], normalize=opts["normalize"]) for m in raw]
+    maps = [_check_maps(call, m, bad_input, opts) for m in maps]
     if squeeze:
         maps = [m.squeeze(1) for m in maps]
     return maps[0] if single else maps
@@ -430,8 +447,87 @@ def _tokens_layer(trace: Traced, node: str, x: Tensor) -> bool:
     return info is not None and len(info[0]) == 3 and x.ndim == 4
 
 
+def _resolve(
+    trace: Traced, model: Model, params: Params, layer: Layers, x: Tensor, opts: dict
+) -> tuple[Traced, list[str], bool]:
+    """Layer names to nodes; under ``tracer="auto"`` a module path that torch.fx keeps inside a leaf module
+    (torchvision.ops blocks) is reached by tracing with torch.export instead."""
+    try:
+        nodes, single = resolve_layers(trace, model, layer, x)
+    except LayerError:
+        names = layer_names(model, layer) or []
+        paths = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
+        if opts["tracer"] != "auto" or trace.tracer != "fx" or not names or not all(n in paths for n in names):
+            raise
+        trace = traced(model, params, x, tracer="export", hooks=opts["hooks"], model_kwargs=opts["model_kwargs"])
+        nodes, single = resolve_layers(trace, model, layer, x)
+    return trace, nodes, single
+
+
+# ---------------------------------------------------------------------------------------- non-finite
+def _nonfinite_samples(t: Tensor) -> list[int]:
+    """Indices of the samples of ``t`` with a NaN or Inf (empty where values cannot be read)."""
+    if not concrete(t) or not (t.is_floating_point() or t.is_complex()):
+        return []
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
+    return bad.nonzero().flatten().tolist() if bool(bad.any()) else []
+
+
+def _diagnosis(call: _Call) -> str:
+    """Why a model gives non-finite values: non-finite parameters, negative BatchNorm variances."""
+    found = []
+    for key, value in call.params.items():
+        if isinstance(value, Tensor) and value.is_floating_point() and concrete(value):
+            if not bool(torch.isfinite(value).all()):
+                found.append(f"params[{key!r}] has NaN or Inf")
+            elif key.endswith("running_var") and bool((value < 0).any()):
+                found.append(f"params[{key!r}] has negative variances")
+        if len(found) == 3:
+            break
+    if found:
+        return "; ".join(found) + ". Fix or reload those parameters"
+    return "the model's own computation overflows or divides by zero for them; check the input's scale and the model"
+
+
+def _check_scores(call: _Call, y: Tensor, bad_input: list[int], opts: dict) -> None:
+    bad = [i for i in _nonfinite_samples(y) if i not in bad_input]
+    if bad and opts["nonfinite"] == "raise":
+        raise InputError(
+            f"the target scores are NaN or Inf for sample(s) {bad[:10]} (x itself is finite): {_diagnosis(call)}. "
+            "Or pass nonfinite='nan' to get NaN maps for such samples"
+        )
+
+
+def _check_maps(call: _Call, maps: Tensor, bad_input: list[int], opts: dict) -> Tensor:
+    bad = _nonfinite_samples(maps)
+    if bad and opts["nonfinite"] == "raise":
+        raise InputError(
+            f"the maps of sample(s) {bad[:10]} are NaN or Inf although the scores are finite: {_diagnosis(call)}. "
+            "Or pass nonfinite='nan' to get NaN maps for such samples"
+        )
+    rows = sorted(set(bad) | set(bad_input))
+    if rows and opts["nonfinite"] == "nan":
+        maps = maps.clone()
+        maps[rows] = float("nan")
+    return maps
+
+
+def _check_dependence(call: _Call, grads: tuple[Tensor, ...]) -> None:
+    """A callable target whose score does not depend on the layer (detached, or computed from a copy)."""
+    for g in grads:
+        flat = (g.reshape(g.shape[0], -1) == 0).all(1)
+        if bool(flat.all()):
+            raise TargetError(
+                "the target callable's score does not depend on the layer: every gradient is exactly zero. Is it "
+                "detached (.detach(), .item(), numpy) or built from a copy of the output? Return a tensor "
+                "computed from the output, e.g. lambda out: out[:, c]"
+            )
+
+
 def raise_model(model: object) -> None:
-    raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}")
+    raise InputError(
+        f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}; pass one of these"
+    )
 
 
 def _reduce(contributions: Tensor, eigen: bool) -> Tensor:

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 __all__ = [
     "CamfnError",
+    "DamagedFileError",
     "HookError",
     "InputError",
     "LayerError",
@@ -14,6 +15,7 @@ __all__ = [
     "OptionError",
     "TargetError",
     "TraceError",
+    "UnsafeFileError",
     "nearest",
 ]
 
@@ -24,6 +26,14 @@ class CamfnError(Exception):
 
 class InputError(CamfnError, ValueError, TypeError):
     """An argument cannot be explained as given: ``x`` (dtype, shape, values), ``params``, the model."""
+
+
+class UnsafeFileError(InputError):
+    """A file camfn was asked to load could run code (a pickle of Python objects, code in a program)."""
+
+
+class DamagedFileError(InputError):
+    """A file camfn wrote earlier (or was given) is truncated, damaged or of another kind."""
 
 
 class TargetError(CamfnError, ValueError):

@@ -6,18 +6,31 @@ chosen metrics (:mod:`camfn.metrics`) and writes, per shard, atomically (tempora
 
 * ``out_dir/maps/shard_{i:05d}.pt``: ``maps`` ``(n, H, W)`` (float16 by default), ``indices`` ``(n,)`` (the
   samples' positions in the data set), ``targets`` ``(n,)`` (the explained class), ``metrics`` (name ->
-  ``(n,)`` float64, per sample) and the configuration's ``key``;
-* ``out_dir/maps/shard_{i:05d}.json``: its index entry (file, first/stop index, ``done``).
+  ``(n,)`` float64, per sample), ``failed`` ``(n,)`` bool (samples whose image, score, map or a metric value
+  is NaN or Inf: reported, never scored; their maps are NaN), the configuration's ``key`` and the shard's
+  ``items`` fingerprint (a hash of every image, label and box in it);
+* ``out_dir/maps/shard_{i:05d}.json``: its index entry (file, first/stop index, ``done``, the key, the items
+  fingerprint and the ``sha256`` of the ``.pt`` file).
 
-Rank 0 writes ``out_dir/config.json`` before any shard and, after all ranks are done, the merged
-``out_dir/index.json`` and the report ``out_dir/report.json``. Per metric the report holds
+Rank 0 writes ``out_dir/config.json`` once the inputs are validated and its first shard is done (a run that
+fails on a bad option leaves nothing that blocks the corrected rerun) and, after all ranks are done, the
+merged ``out_dir/index.json`` and the report ``out_dir/report.json``. The configuration holds the method, layer,
+options, seeds (by value: a ``torch.Generator`` by its seed and state hash), a hash of the parameters and a
+fingerprint of the model's forward (:func:`_graph_fingerprint`: the traced graph's code and every module's
+settings). Per metric the report holds
 
 .. math:: \mathrm{mean} = \frac{1}{N}\sum_b m_b, \qquad
           \mathrm{std} = \sqrt{\tfrac{1}{N}\textstyle\sum_b m_b^2 - \mathrm{mean}^2}, \qquad N = \mathrm{count}
 
-where the sums and counts are ``all_reduce``\ d across ranks. A rerun with the same configuration skips every
-shard whose file is complete (reading its per-sample metrics back), so an interrupted run resumes; an
-``out_dir`` holding another configuration (method, layer, model weights, data set, options ...) is refused.
+over the samples that did not fail, where the sums and counts are ``all_reduce``\ d across ranks. A rerun
+with the same configuration skips every shard whose file is complete (reading its per-sample metrics back),
+so an interrupted run resumes; an ``out_dir`` holding another configuration (method, layer, model weights or
+forward, data set length, options ...) is refused. Every file read back is verified: a shard whose checksum,
+contents or items fingerprint does not match is recomputed with a warning (a changed data item in the middle of
+the set, a flipped byte, a truncated file, a file holding another object); a damaged ``config.json`` or
+``index.json`` is rewritten with a warning. Files are read with :mod:`camfn.files` (``weights_only=True``
+tensors, JSON) and written atomically (temporary file, then ``os.replace``: a symlink is replaced, never
+followed).
 
 Launch on several processes with ``torchrun`` (``torchrun --nproc_per_node 2 -m camfn eval shapes --out
 DIR``): :func:`evaluate` joins the process group that ``torchrun``'s environment describes (``gloo`` on the
@@ -48,6 +61,8 @@ import io
 import json
 import math
 import os
+import types
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -57,7 +72,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import metrics as _metrics
-from .errors import InputError, OptionError, TargetError, nearest
+from . import targets as _targets
+from .errors import CamfnError, DamagedFileError, InputError, OptionError, TargetError, nearest
+from .files import check_folder, load_tensors, read_json, write_bytes, write_json
 from .hooks import HookPolicy
 from .layer_names import default_layer
 from .tracing import Params, apply
@@ -65,10 +82,10 @@ from .tracing import params as params_of
 
 __all__ = ["BOX_METRICS", "DEFAULT_METRICS", "MODEL_METRICS", "Item", "evaluate", "item", "shard_ranges"]
 
-MODEL_METRICS = ("confidence", "average_drop", "increase_in_confidence", "deletion", "insertion", "road")
-"""Metrics that run the model on perturbed inputs (curves report their AUC)."""
+MODEL_METRICS = tuple(n for n, m in _metrics.METRICS.items() if not m.needs & {"boxes", "method"})
+"""Metrics of the maps and the model (curves report their AUC), from :data:`camfn.metrics.METRICS`."""
 
-BOX_METRICS = ("pointing_game", "energy_pointing_game")
+BOX_METRICS = tuple(n for n, m in _metrics.METRICS.items() if "boxes" in m.needs)
 """Metrics that need a box per sample; skipped (and listed under ``skipped``) when the data set has none."""
 
 DEFAULT_METRICS = (
@@ -203,17 +220,40 @@ def _check_sizes(shard_size: int, batch_size: int) -> None:
 
 
 # --------------------------------------------------------------------------------------------- config
-def _jsonable(value: Any) -> Any:
-    """``value`` as plain JSON (tensors by their hash, unknown objects by ``repr``), for config comparison."""
+def _jsonable(value: Any, where: str = "option") -> Any:
+    """``value`` as plain JSON, by value, for config comparison: tensors by their hash, a ``torch.Generator``
+    by its seed and state hash, a function by its name and code hash; anything whose only description is a
+    ``repr`` with a memory address raises :class:`OptionError`."""
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Tensor):
         return {"tensor": list(value.shape), "sha1": _digest([value])}
+    if isinstance(value, torch.Generator):
+        return {
+            "generator": str(value.device),
+            "initial_seed": value.initial_seed(),
+            "state_sha1": _digest([value.get_state()]),
+        }
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"float": repr(value)}
     if value is None or isinstance(value, bool | int | float | str):
         return value
-    return repr(value)
+    if isinstance(value, torch.dtype | torch.device):
+        return str(value)
+    if isinstance(value, types.FunctionType):
+        code = value.__code__
+        body = code.co_code + repr((code.co_consts, code.co_names)).encode()
+        return {"callable": f"{value.__module__}.{value.__qualname__}", "code_sha1": hashlib.sha1(body).hexdigest()}
+    text = repr(value)
+    if " at 0x" in text or text.startswith("<"):
+        raise OptionError(
+            f"{where} is a {type(value).__name__}, which camfn cannot record by value in config.json (its repr "
+            f"{text[:60]!r} changes every run, so a resume would be refused); pass numbers, strings, tensors, a "
+            "torch.Generator or a plain function"
+        )
+    return text
 
 
 def _digest(tensors: Sequence[Tensor]) -> str:
@@ -230,6 +270,45 @@ def _params_digest(params: Params) -> str:
     return hashlib.sha1((",".join(keys) + _digest([params[k] for k in keys])).encode()).hexdigest()
 
 
+def _graph_fingerprint(model: nn.Module, hooks: HookPolicy = "error") -> str:
+    """A hash of what the model's forward computes apart from its tensors: the code of the traced graph
+    (``camfn.tracing.trace(model).module.code``: Python constants used in ``forward`` appear in it) and every
+    module's type, settings (``extra_repr``: stride, padding, eps ...) and plain Python attributes (numbers,
+    strings, tuples, ``training``), which covers a changed attribute even where a trace cache is stale. A model
+    fx cannot trace is fingerprinted by its modules only. The one place that knows the tracing API."""
+    from .tracing import trace
+
+    h = hashlib.sha1()
+    try:
+        h.update(trace(model, hooks=hooks).module.code.encode())
+    except CamfnError:
+        h.update(b"untraceable")
+    for name, module in model.named_modules():
+        plain = sorted(
+            (k, repr(v))
+            for k, v in vars(module).items()
+            if not k.startswith("_") and (v is None or isinstance(v, bool | int | float | str | tuple))
+        )
+        kind = f"{type(module).__module__}.{type(module).__qualname__}"
+        h.update(f"{name}:{kind}({module.extra_repr()}){plain}".encode())
+    return h.hexdigest()
+
+
+def _hash_item(h: Any, it: Item) -> None:
+    """Feed one item (image, label, box) to the running hash ``h`` of a shard's items."""
+    h.update(_digest([it.image]).encode())
+    h.update(repr(it.label).encode())
+    h.update(_digest([it.box]).encode() if it.box is not None else b"-")
+
+
+def _items_digest(dataset: Any, indices: range) -> str:
+    """A hash of every item of a shard: a changed image, label or box changes it."""
+    h = hashlib.sha1()
+    for i in indices:
+        _hash_item(h, item(dataset[i], i))
+    return h.hexdigest()
+
+
 def _key(config: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -239,16 +318,6 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- files
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, data: Any) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
-
-
 def _saved(obj: Any) -> bytes:
     """``torch.save`` bytes that do not depend on the file name (the same shard gives the same file)."""
     buffer = io.BytesIO()
@@ -260,15 +329,72 @@ def _shard_path(out: Path, i: int) -> Path:
     return out / "maps" / f"shard_{i:05d}.pt"
 
 
-def _finished(path: Path, key: str, indices: range) -> dict[str, Any] | None:
-    """The shard file's contents when it is complete and was written for this configuration, else None."""
-    if not path.is_file() or not path.with_suffix(".json").is_file():
+def _is_object(value: Any) -> None:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {type(value).__name__}")
+
+
+def _check_entry(entry: Any) -> None:
+    _is_object(entry)
+    for name, kind in (("start", int), ("stop", int), ("sha256", str), ("key", str), ("items", str)):
+        if not isinstance(entry.get(name), kind):
+            raise ValueError(f"the entry has no {kind.__name__} {name!r}")
+
+
+def _check_shard(shard: Any, indices: range, names: Sequence[str]) -> None:
+    """Raise ValueError unless ``shard`` is a complete shard of ``indices`` with metrics ``names``."""
+    if not isinstance(shard, dict):
+        raise ValueError(f"it holds a {type(shard).__name__}, not a shard")
+    n = len(indices)
+    tensors = {k: shard.get(k) for k in ("maps", "indices", "targets", "failed")}
+    for k, v in tensors.items():
+        if not isinstance(v, Tensor) or v.shape[:1] != (n,):
+            raise ValueError(f"its {k!r} is not a tensor of {n} rows")
+    if shard["indices"].tolist() != list(indices):
+        raise ValueError("its indices are not the shard's")
+    metrics = shard.get("metrics")
+    if not isinstance(metrics, dict) or set(metrics) != set(names):
+        raise ValueError("its metrics are not this run's")
+    if not all(isinstance(v, Tensor) and v.shape == (n,) for v in metrics.values()):
+        raise ValueError("its per-sample metrics are not one value per sample")
+
+
+def _finished(
+    path: Path,
+    key: str,
+    indices: range,
+    items_digest: Callable[[], str],
+    names: Sequence[str],
+    warn: Callable[[str], None],
+) -> dict[str, Any] | None:
+    """The shard's contents when it is complete, intact and was written for this configuration and these data
+    items (``items_digest()``, computed only when a file is there), else None (with a warning when a file is
+    there but damaged or stale)."""
+    entry_path = path.with_suffix(".json")
+    if not path.is_file() or not entry_path.is_file():
         return None
     try:
-        shard = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # a damaged file is recomputed
+        entry = read_json(entry_path, "shard index entry", _check_entry)
+    except (DamagedFileError, InputError) as e:
+        warn(f"{e}; recomputing shard {path.name}")
         return None
-    if shard.get("key") != key or shard.get("indices", torch.empty(0)).tolist() != list(indices):
+    if entry["key"] != key:
+        return None  # written by an interrupted run of another configuration
+    items = items_digest()
+    if entry["items"] != items:
+        warn(f"the data items of {path.name} changed since it was written; recomputing it")
+        return None
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        warn(f"{path} does not match its checksum (damaged or changed); recomputing it")
+        return None
+    try:
+        shard = load_tensors(path, "shard file")
+        _check_shard(shard, indices, names)
+        if shard.get("key") != key or shard.get("items") != items:
+            raise ValueError("it was written for another configuration")
+    except (InputError, ValueError) as e:
+        warn(f"{path} is not a valid shard ({e}); recomputing it")
         return None
     return shard
 
@@ -341,19 +467,13 @@ def _score(
     hooks: HookPolicy,
 ) -> Tensor:
     """Per-sample values ``(B,)`` float64 of metric ``name``."""
-    if name == "pointing_game":
-        return _metrics.pointing_game(maps, boxes, **options).double()  # type: ignore[arg-type]
-    if name == "energy_pointing_game":
-        return _metrics.energy_pointing_game(maps, boxes).double()  # type: ignore[arg-type]
-    if name == "confidence":
-        return _metrics.confidence(model, params, x, cls, hooks=hooks).double()
-    fn = getattr(_metrics, name)
-    result = fn(model, params, x, maps, cls, hooks=hooks, **options)
-    return (result.auc if isinstance(result, _metrics.Curve) else result).double()
+    inputs = {"model": model, "params": params, "x": x, "maps": maps, "target": cls, "boxes": boxes, "hooks": hooks}
+    return _metrics.compute(name, inputs, **options)
 
 
-def _batch(dataset: Any, indices: Sequence[int], device: torch.device) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    items = [item(dataset[i], i) for i in indices]
+def _batch(
+    items: Sequence[Item], indices: Sequence[int], device: torch.device
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     shapes = {tuple(it.image.shape) for it in items}
     if len(shapes) > 1:
         raise InputError(
@@ -376,13 +496,18 @@ def _batch(dataset: Any, indices: Sequence[int], device: torch.device) -> tuple[
     return x, labels, boxes
 
 
-def _classes(model: nn.Module, params: Params, x: Tensor, labels: Tensor | None, target: TargetSpec, hooks: HookPolicy):
-    if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((x.shape[0],), target, dtype=torch.long, device=x.device)
+def _classes(logits: Tensor, labels: Tensor | None, target: TargetSpec) -> Tensor:
+    """The class each sample is explained for (``(B,)``), through :func:`camfn.targets.classes`."""
     if target == "label" and labels is not None:
         return labels
-    with torch.no_grad():
-        return apply(model, params, x, hooks=hooks).argmax(1)
+    chosen = None if target in ("label", "top1") else target
+    index, _ = _targets.classes(chosen, logits.shape[0], logits.shape[1] if logits.ndim == 2 else None)
+    return index(logits)[:, 0]
+
+
+def _finite(t: Tensor) -> Tensor:
+    """``(B,)`` True where the sample's values (all but the first axis) are all finite."""
+    return torch.isfinite(t.reshape(t.shape[0], -1).float()).all(1) if t.numel() else torch.ones(t.shape[0], dtype=bool)
 
 
 def _shard(
@@ -398,25 +523,55 @@ def _shard(
     device: torch.device,
     hooks: HookPolicy,
 ) -> dict[str, Any]:
-    """Maps, explained classes and per-sample metrics of one shard, batch by batch."""
-    maps, classes, values = [], [], {n: [] for n in names}
+    """Maps, explained classes, per-sample metrics and failures of one shard, batch by batch.
+
+    A sample fails when its image or the model's output for it is not finite (it is left out of the method's
+    batch), or when its map or one of its metric values is not finite; failed samples keep a NaN map and NaN
+    metric values and are never scored.
+    """
+    maps, classes, failures, values = [], [], [], {n: [] for n in names}
+    digest = hashlib.sha1()
     for lo in range(indices.start, indices.stop, batch_size):
-        x, labels, boxes = _batch(dataset, range(lo, min(lo + batch_size, indices.stop)), device)
-        cls = _classes(model, params, x, labels, target, hooks)
-        m = run(x, cls).detach()
-        if m.shape != (x.shape[0], *x.shape[2:]):
-            raise OptionError(
-                f"the method returned maps of shape {tuple(m.shape)}; evaluation needs one map per sample at the "
-                f"input's size {(x.shape[0], *x.shape[2:])} (drop size=... and multi-target options)"
-            )
+        batch = range(lo, min(lo + batch_size, indices.stop))
+        items = [item(dataset[i], i) for i in batch]
+        for it in items:
+            _hash_item(digest, it)
+        x, labels, boxes = _batch(items, batch, device)
+        with torch.no_grad():
+            logits = apply(model, params, x, hooks=hooks)
+        ok = _finite(x) & (_finite(logits) if isinstance(logits, Tensor) else torch.ones_like(_finite(x)))
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        m = torch.full((x.shape[0], *x.shape[2:]), math.nan, dtype=x.dtype, device=x.device)
+        scores = {n: torch.full((x.shape[0],), math.nan, dtype=torch.float64) for n in names}
+        keep = ok.nonzero().flatten().to(x.device)
+        if keep.numel():
+            xs, bs = x[keep], boxes[keep] if boxes is not None else None
+            cs = _classes(logits[keep], labels[keep] if labels is not None else None, target)
+            ms = run(xs, cs).detach()
+            if ms.shape != (xs.shape[0], *x.shape[2:]):
+                raise OptionError(
+                    f"the method returned maps of shape {tuple(ms.shape)}; evaluation needs one map per sample at the "
+                    f"input's size {(xs.shape[0], *x.shape[2:])} (drop size=... and multi-target options)"
+                )
+            cls[keep], m[keep] = cs, ms.to(m.dtype)
+            good = _finite(ms).cpu()
+            for n in names:
+                v = _score(n, model, params, xs, ms, cs, bs, options.get(n, {}), hooks).cpu()
+                scores[n][keep.cpu()] = v
+                good &= torch.isfinite(v)
+            ok[keep] = good.to(ok.device)
         for n in names:
-            values[n].append(_score(n, model, params, x, m, cls, boxes, options.get(n, {}), hooks).cpu())
+            values[n].append(torch.where(ok.cpu(), scores[n], math.nan))
+        m[~ok] = math.nan
         maps.append(m.cpu())
         classes.append(cls.cpu())
+        failures.append(~ok.cpu())
     return {
         "maps": torch.cat(maps),
         "targets": torch.cat(classes),
+        "failed": torch.cat(failures),
         "metrics": {n: torch.cat(v) for n, v in values.items()},
+        "items": digest.hexdigest(),
     }
 
 
@@ -465,9 +620,12 @@ def evaluate(
     Files are described in :mod:`camfn.evaluation`. Returns (and rank 0 writes to ``out_dir/report.json``)::
 
         {"config": {...}, "samples": N, "shards": S,
-         "metrics": {name: {"mean": ..., "std": ..., "count": ...}}, "skipped": {name: reason}}
+         "metrics": {name: {"mean": ..., "std": ..., "count": ...}}, "skipped": {name: reason},
+         "failed": [{"index": i, "reason": ...}, ...]}
 
-    with :math:`\mathrm{mean} = \sum_b m_b / N` over all ranks' samples. ``log`` receives one line per shard
+    with :math:`\mathrm{mean} = \sum_b m_b / N` over all ranks' samples that did not fail (a sample fails when its
+    image, the model's output, its map or a metric value is NaN or Inf: it is listed under ``failed`` by its
+    index, never scored). ``log`` receives one line per shard
     (``"rank 0: shard 3 computed"`` / ``"... skipped (done)"``). The model and ``params`` are not changed;
     ``params`` (default ``camfn.params(model)``) and inputs go to ``device`` (default: where ``params`` are).
 
@@ -508,6 +666,10 @@ def evaluate(
     options = _metric_options(names, metric_options, tuple(probe.image.shape[1:]))
     if layer is None:
         layer = default_layer(model, probe.image[None].to(device), hooks=hooks)
+    with torch.no_grad():
+        logits = apply(model, params, probe.image[None].to(device), hooks=hooks)
+    if isinstance(target, int) and isinstance(logits, Tensor):  # a bad class fails here, before any file is written
+        _targets.classes(target, 1, logits.shape[1] if logits.ndim == 2 else None)
     config = _jsonable(
         {
             "method": name,
@@ -519,26 +681,32 @@ def evaluate(
             "maps_dtype": str(maps_dtype),
             "shard_size": shard_size,
             "model": _params_digest(params),
-            "dataset": {
-                "type": type(dataset).__name__,
-                "length": length,
-                "first": _digest([probe.image]),
-                "last": _digest([item(dataset[length - 1], length - 1).image]),
-            },
+            "forward": _graph_fingerprint(model, hooks),
+            "dataset": {"type": type(dataset).__name__, "length": length},
         }
     )
     key = _key(config)
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"out_dir {out} is a file; pass a folder (it is created when missing)")
+    check_folder(out, "out_dir")
+    if (out / "maps").is_symlink():
+        raise InputError(f"{out / 'maps'} is a symlink; camfn writes shards only into a real folder. Remove it")
+    say = log or (lambda line: None)
+
+    def warn(text: str) -> None:
+        warnings.warn(text, stacklevel=2)
+        say(f"warning: {text}")
+
     if (out / "config.json").is_file():
-        old = json.loads((out / "config.json").read_text())
+        try:
+            old = read_json(out / "config.json", "config.json", _is_object)
+        except DamagedFileError as e:
+            warn(f"{e}; it is rewritten (every shard is verified by its own key and checksum)")
+            old = config
         if old != config:
             raise OptionError(
                 f"{out} holds results of another configuration (differs in: {', '.join(_differences(old, config))}); "
                 "pass another out_dir, or delete it to start over"
             )
-    say = log or (lambda line: None)
 
     def run(x: Tensor, cls: Tensor) -> Tensor:
         return fn(model, params, x, layer, cls, hooks=hooks, **method_options)
@@ -548,41 +716,70 @@ def evaluate(
         group.barrier()  # every rank has read config.json before rank 0 writes it
         if group.rank == 0:
             (out / "maps").mkdir(parents=True, exist_ok=True)
-            _write_json(out / "config.json", config)
         group.barrier()
+        config_written = False
+
+        def write_config() -> None:
+            nonlocal config_written
+            if group.rank == 0 and not config_written:
+                write_json(out / "config.json", config)
+                config_written = True
+
         sums = torch.zeros(len(active), 3, dtype=torch.float64)  # sum, sum of squares, count
+        failed: list[int] = []
         for i in range(group.rank, len(ranges), group.world):
             path, indices = _shard_path(out, i), ranges[i]
-            shard = _finished(path, key, indices)
+            shard = _finished(path, key, indices, lambda r=indices: _items_digest(dataset, r), active, warn)
             if shard is None:
                 shard = _shard(run, model, params, dataset, indices, batch_size, target, active, options, device, hooks)
                 shard.update(maps=shard["maps"].to(maps_dtype), indices=torch.tensor(list(indices)), key=key)
-                _write_atomic(path, lambda p, s=shard: p.write_bytes(_saved(s)))
+                items = shard["items"]
+                data = _saved(shard)
+                write_bytes(path, data)
                 entry = {"shard": i, "file": f"maps/{path.name}", "start": indices.start, "stop": indices.stop}
-                _write_json(path.with_suffix(".json"), {**entry, "done": True, "key": key})
+                entry.update(done=True, key=key, items=items, sha256=hashlib.sha256(data).hexdigest())
+                write_json(path.with_suffix(".json"), entry)
+                write_config()
                 say(f"rank {group.rank}: shard {i} computed ({len(indices)} samples)")
             else:
                 say(f"rank {group.rank}: shard {i} skipped (done)")
+            bad = shard["failed"].bool()
+            failed += [indices[j] for j in bad.nonzero().flatten().tolist()]
             for j, n in enumerate(active):
-                v = shard["metrics"][n].double()
+                v = shard["metrics"][n].double()[~bad]
                 sums[j] += torch.stack([v.sum(), v.square().sum(), torch.tensor(float(v.numel()))])
         sums = group.all_sum(sums)
+        failed = _gather_failed(group, failed, length)
         report = {
             "config": config,
             "samples": length,
             "shards": len(ranges),
             "metrics": {n: _summary(*sums[j].tolist()) for j, n in enumerate(active)},
             "skipped": skipped,
+            "failed": [{"index": k, "reason": "non-finite image, score, map or metric value"} for k in failed],
         }
         if group.rank == 0:
-            entries = [json.loads(_shard_path(out, i).with_suffix(".json").read_text()) for i in range(len(ranges))]
-            _write_json(out / "index.json", {"config": config, "key": key, "shards": entries})
-            _write_json(out / "report.json", report)
+            write_config()
+            entries = [
+                read_json(_shard_path(out, i).with_suffix(".json"), "shard index entry", _check_entry)
+                for i in range(len(ranges))
+            ]
+            write_json(out / "index.json", {"config": config, "key": key, "shards": entries})
+            write_json(out / "report.json", report)
         group.barrier()  # report.json exists when any rank returns
     return report
 
 
+def _gather_failed(group: _Group, failed: list[int], length: int) -> list[int]:
+    """The failed sample indices of every rank, sorted (a 0/1 mask summed over ranks)."""
+    mask = torch.zeros(length, dtype=torch.float64)
+    mask[failed] = 1
+    return group.all_sum(mask).nonzero().flatten().tolist()
+
+
 def _summary(total: float, squares: float, count: float) -> dict[str, Any]:
-    mean = total / count if count else math.nan
-    var = max(squares / count - mean * mean, 0.0) if count else math.nan
-    return {"mean": mean, "std": math.sqrt(var), "count": int(count)}
+    """Mean and std of a metric from its sums; ``None`` for both when no sample was scored (all failed)."""
+    if not count:
+        return {"mean": None, "std": None, "count": 0}
+    mean = total / count
+    return {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0)), "count": int(count)}

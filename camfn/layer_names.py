@@ -186,7 +186,7 @@ def _example(x: Tensor | Sequence[int] | None) -> Tensor | None:
     try:
         shape = tuple(int(s) for s in x)
     except (TypeError, ValueError):
-        raise InputError(f"x must be a tensor or a shape such as (1, 3, 224, 224), got {x!r}") from None
+        raise InputError(f"x must be a tensor or a shape: pass e.g. (1, 3, 224, 224), got {x!r}") from None
     return torch.empty(shape)
 
 

@@ -140,6 +140,7 @@ SHARED: dict[str, Option] = {
     "layout": Option(None, _any),  # validated against the layer's shape by camfn.layout
     "output": Option(None, _output),
     "progress": Option(False, boolean),
+    "nonfinite": Option("raise", choice("raise", "nan")),
 }
 """Options every method takes, with their defaults."""
 
@@ -155,7 +156,7 @@ def validate(options: Mapping[str, Any], extras: Mapping[str, Option]) -> dict[s
             raise OptionError(
                 f"unknown option {key!r}"
                 + (f"; did you mean {hint[0]!r}?" if hint else "")
-                + f" Options: {list(known)}"
+                + f" Use one of: {list(known)}"
             )
         out[key] = spec.check(value, key)
     for key, spec in known.items():

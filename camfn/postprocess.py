@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["finish", "first_component", "fuse", "normalize", "resize"]
+from .errors import InputError
+
+__all__ = ["aggregate", "finish", "first_component", "fuse", "largest", "normalize", "resize"]
 
 Size = str | tuple[int, ...] | None
 
@@ -75,6 +77,11 @@ def finish(
 _normalize = normalize
 
 
+def largest(maps: Sequence[Tensor], ndim: int = 2) -> tuple[int, ...]:
+    """The largest spatial size along each of the last ``ndim`` axes of ``maps``."""
+    return tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+
+
 def fuse(maps: Sequence[Tensor], size: Sequence[int] | None = None, gamma: float = 2.0, ndim: int = 2) -> Tensor:
     r"""Fuse maps of several layers (LayerCAM, Jiang et al. 2021, Eq. 9 and Sec. 3.3).
 
@@ -94,8 +101,7 @@ def fuse(maps: Sequence[Tensor], size: Sequence[int] | None = None, gamma: float
     maps = list(maps)
     if not maps:
         raise ValueError("fuse needs at least one map")
-    if size is None:
-        size = tuple(max(m.shape[-ndim + i] for m in maps) for i in range(ndim))
+    size = largest(maps, ndim) if size is None else size
     ndim = len(size)
     scaled = [resize(torch.tanh(gamma * m), size) for m in maps]
     return _normalize(torch.stack(scaled).amax(0), ndim)
@@ -121,3 +127,30 @@ def first_component(maps: Tensor, ndim: int = 2, reference: Tensor | None = None
     corr = ((proj - proj.mean(-1, keepdim=True)) * ref).sum(-1, keepdim=True)
     proj = torch.where(corr < 0, -proj, proj)
     return proj.reshape(*proj.shape[:-1], *spatial)
+
+
+def aggregate(maps: Sequence[Tensor], size: Sequence[int] | None = None, ndim: int = 2) -> Tensor:
+    r"""Average maps of several layers after per-layer scaling (grad-cam's ``aggregate_multi_layers``).
+
+    .. math:: F = \operatorname{normalize}\Big(\frac{1}{n} \sum_{l=1}^{n}
+              \operatorname{resize}\big(\operatorname{normalize}(\max(L_l, 0))\big)\Big)
+
+    ``maps`` are per-layer maps ``(B, [T,] h_l, w_l)`` (e.g. a method's output for a list of layers with
+    ``size=None``); ``size`` defaults to the largest map. Each layer counts the same whatever its range, as in
+    grad-cam (which scales each layer's map to ``[0, 1]`` before the mean); :func:`fuse` is LayerCAM's
+    ``tanh``-and-max fusion instead.
+
+    Example:
+        >>> import torch
+        >>> from camfn.postprocess import aggregate
+        >>> aggregate([torch.tensor([[[0.0, 2.0], [1.0, 2.0]]]), torch.tensor([[[0.0, 0.0], [0.0, 5.0]]])])
+        tensor([[[0.0000, 0.5000],
+                 [0.2500, 1.0000]]])
+    """
+    maps = list(maps)
+    if not maps:
+        raise InputError("aggregate needs at least one map: pass the list of per-layer maps")
+    size = largest(maps, ndim) if size is None else size
+    ndim = len(size)
+    scaled = [resize(_normalize(F.relu(m), ndim), size) for m in maps]
+    return _normalize(torch.stack(scaled).mean(0), ndim)

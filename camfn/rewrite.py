@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import InputError, LayerError
+from .errors import LayerError
 
 if TYPE_CHECKING:
     from .tracing import Traced
@@ -421,16 +421,3 @@ def cut_after(traced: Traced, layer: str) -> HeadTail:
     result = HeadTail(head=program(traced, head), tail=program(traced, tail))
     traced.cache.cuts[layer] = result
     return result
-
-
-def check_params(params: object, known: frozenset[str]) -> Params:
-    """``params`` must be a dict of tensors with keys of the model."""
-    if not isinstance(params, dict):
-        raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
-    unknown = [k for k in params if k not in known]
-    if unknown:
-        raise InputError(
-            f"params has {len(unknown)} key(s) the model does not have, e.g. {unknown[:3]}; "
-            "build it with camfn.params(model) or model.state_dict() of the same architecture"
-        )
-    return params

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "eager", "in_transform"]
+__all__ = ["concrete", "eager", "in_transform", "peek"]
 
 
 def in_transform() -> bool:
@@ -35,3 +35,13 @@ def concrete(t: Tensor) -> bool:
 def eager() -> bool:
     """True outside every transform and outside ``torch.compile``: impure fast paths may run."""
     return not torch.compiler.is_compiling() and not in_transform()
+
+
+def peek(t: Tensor) -> Tensor | None:
+    """``t``'s values as a plain tensor for a read-only check, also inside ``torch.func`` transforms (a
+    ``vmap``-ped tensor gives all its members); ``None`` inside ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return None
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t

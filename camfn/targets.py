@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import OptionError, TargetError
-from .runtime import concrete
+from .runtime import concrete, peek
 
 __all__ = [
     "Output",
@@ -79,10 +80,39 @@ def logit(c: int | Tensor) -> ScoreFn:
 
 
 def _class_index(c: int | Tensor | None, output: Tensor) -> Tensor:
-    """Class indices ``(B, 1)`` for ``c`` (an int, a ``(B,)`` tensor, or ``None``: the top-1 class)."""
+    """Class indices ``(B, 1)`` for ``c`` (an int, a ``(B,)`` tensor, or ``None``: the top-1 class), checked
+    against the number of classes."""
     if c is None:
         return output.argmax(1, keepdim=True)
-    return torch.as_tensor(c, device=output.device).expand(output.shape[0]).reshape(-1, 1)
+    index = _as_index(c, "class").to(output.device)
+    _check_range(index, output.shape[1])
+    if index.ndim > 1 or (index.ndim == 1 and index.shape[0] not in (1, output.shape[0])):
+        raise TargetError(
+            f"class {tuple(index.shape)} does not fit a batch of {output.shape[0]}: "
+            f"pass an int or a ({output.shape[0]},) tensor"
+        )
+    return index.expand(output.shape[0]).reshape(-1, 1)
+
+
+def _as_index(c: object, what: str) -> Tensor:
+    """``c`` (an int, a sequence or a tensor of ints) as a long tensor; anything else is a TargetError."""
+    if isinstance(c, bool) or (isinstance(c, Tensor) and c.dtype == torch.bool):
+        raise TargetError(f"{what} {c!r} is a bool; pass a class index (int) or a long tensor of indices")
+    if isinstance(c, int) and not -(2**63) <= c < 2**63:
+        raise TargetError(
+            f"{what} {c} is not a valid class index (out of the int64 range); pass a class index of the model"
+        )
+    if isinstance(c, Tensor):
+        if c.is_floating_point() or c.is_complex():
+            raise TargetError(f"{what} has dtype {c.dtype}; class indices must be integers: convert with .long()")
+        return c.long()
+    try:
+        t = torch.as_tensor(c)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise TargetError(f"{what} {c!r} is not a class index or a list of them ({err})") from None
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise TargetError(f"{what} {c!r} must be integer class indices, got {t.dtype}")
+    return t.long()
 
 
 def _logits(output: object, what: str) -> Tensor:
@@ -136,19 +166,30 @@ def contrastive(
         (tensor([ 1., -4.]), tensor([2.0000, 2.5000]), tensor([ 2.5000, -1.2500]))
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int")
+        raise TargetError(f"k={k!r}: the number of classes to contrast with must be a positive int; pass k >= 1")
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) or gamma < 0:
+        raise TargetError(
+            f"gamma={gamma!r}: the comparison strength must be a finite number >= 0; "
+            "pass e.g. gamma=1.0 (0: the plain logit)"
+        )
+    if others is not None and not isinstance(others, Tensor | int) and len(others) == 0:
+        raise TargetError("others is empty: pass the classes to contrast with, or others=None for the k closest")
+    rivals = None if others is None else _as_index(others, "others")
+    if rivals is not None and rivals.numel() == 0:
+        raise TargetError("others is empty: pass the classes to contrast with, or others=None for the k closest")
 
     def score(output: Tensor) -> Tensor:
         output = _logits(output, "contrastive")
         index = _class_index(c, output)
         if others is None:
-            if k >= output.shape[1]:
-                raise TargetError(f"k={k} but the model has only {output.shape[1]} classes; use k < num_classes")
+            if output.shape[1] < 2:
+                raise TargetError("contrastive needs at least two classes")
             is_c = torch.arange(output.shape[1], device=output.device) == index
             rest = torch.where(is_c, torch.full_like(output, -torch.inf), output)
-            other = rest.topk(k, 1).indices
+            other = rest.topk(min(k, output.shape[1] - 1), 1).indices  # k capped at the classes there are
         else:
-            other = torch.as_tensor(others, device=output.device).long()
+            other = rivals.to(output.device)
+            _check_range(other, output.shape[1])
             other = other.reshape(1, -1) if other.ndim < 2 else other
             other = other.expand(output.shape[0], other.shape[1])
         return output.gather(1, index).squeeze(1) - gamma * output.gather(1, other).mean(1)
@@ -307,7 +348,10 @@ def pick(output: Any, selector: Output) -> Any:
             raise OptionError(f"output={selector!r}: the model returns a dict with keys {list(output)}; pick one")
         if hasattr(output, selector):
             return getattr(output, selector)
-        raise OptionError(f"output={selector!r}: the model returns a {type(output).__name__} without that attribute")
+        raise OptionError(
+            f"output={selector!r}: the model returns a {type(output).__name__} without that attribute; pass None "
+            "(the output as it is), a key or attribute it has, an index or a callable"
+        )
     if isinstance(selector, int) and not isinstance(selector, bool):
         if isinstance(output, tuple | list) and -len(output) <= selector < len(output):
             return output[selector]
@@ -349,7 +393,7 @@ def classes(
     if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
         raise TargetError("target is a bool; pass a class index (int) or a long tensor of class indices")
     if isinstance(target, int):
-        _check_range(torch.tensor([target]), num_classes)
+        _check_range(_as_index(target, "target class"), num_classes)
         return (lambda out: torch.full((out.shape[0], 1), target, dtype=torch.long, device=out.device)), True
     if not isinstance(target, Tensor):
         raise TargetError(
@@ -357,14 +401,16 @@ def classes(
             "long tensor, or a callable output -> (B,) scores"
         )
     if target.is_floating_point() or target.is_complex():
-        raise TargetError(f"target has dtype {target.dtype}; class indices must be integers (target.long())")
+        raise TargetError(
+            f"target has dtype {target.dtype}; class indices must be integers: convert with target.long()"
+        )
     if target.ndim not in (1, 2) or target.shape[0] != batch:
         raise TargetError(
             f"target has shape {tuple(target.shape)} but the batch has {batch} sample(s); pass an int, "
             f"a ({batch},) tensor (one class per sample) or a ({batch}, T) tensor (T classes per sample)"
         )
     if target.ndim == 2 and target.shape[1] == 0:
-        raise TargetError("target has shape (B, 0): at least one class per sample is needed")
+        raise TargetError("target has shape (B, 0): pass at least one class per sample")
     _check_range(target, num_classes)
     squeeze = target.ndim == 1
     index = target.long().reshape(batch, -1)
@@ -372,13 +418,15 @@ def classes(
 
 
 def _check_range(target: Tensor, num_classes: int | None) -> None:
-    if num_classes is None or not concrete(target):
+    target = peek(target) if num_classes is not None else None
+    if target is None or target.numel() == 0:
         return
     low, high = int(target.min()), int(target.max())
     if low < 0 or high >= num_classes:
         bad = low if low < 0 else high
         raise TargetError(
-            f"target class {bad} is out of range: the model has {num_classes} outputs (0..{num_classes - 1})"
+            f"target class {bad} is out of range: the model has {num_classes} outputs; "
+            f"pass a class in 0..{num_classes - 1}"
         )
 
 
@@ -441,6 +489,34 @@ def _checked(fn: Callable[[Tensor], Tensor], batch: int) -> ScoreFn:
         if not isinstance(s, Tensor) or s.ndim not in (1, 2) or s.shape[0] != batch:
             got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise TargetError(f"the target callable returned {got}; it must return ({batch},) or ({batch}, T) scores")
+        if not s.is_floating_point():
+            raise TargetError(
+                f"the target callable returned {s.dtype} scores; a score must be a float tensor that depends on the "
+                "output: return e.g. output[:, c], not output.argmax(1)"
+            )
         return s
+
+    return score
+
+
+def counterfactual(c: int | Tensor | None = None) -> ScoreFn:
+    r"""Target: the *negated* logit of class ``c``, for counterfactual maps (Selvaraju et al. 2017, Sec. 5).
+
+    .. math:: S_b = -y_{b, c_b}
+
+    so ``G = dS/dA`` is the negated gradient of the logit: a gradient method then shows the regions whose
+    removal would make the model more confident in ``c`` (``c=None``: each sample's top-1 class).
+    ``c`` is an int or a ``(B,)`` tensor.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import counterfactual
+        >>> counterfactual(1)(torch.tensor([[0.0, 2.0], [3.0, -1.0]])), counterfactual()(torch.tensor([[0.0, 2.0]]))
+        (tensor([-2.,  1.]), tensor([-2.]))
+    """
+
+    def score(output: Tensor) -> Tensor:
+        output = _logits(output, "counterfactual")
+        return -output.gather(1, _class_index(c, output)).squeeze(1)
 
     return score

@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torchvision.models.feature_extraction import NodePathTracer
 
+from .checks import check_model
 from .cut import Cut, CutTracer
 from .errors import InputError, LayerError, OptionError, TraceError, nearest
 from .hooks import HOOK_DICTS, HookPolicy, check_hooks, skeleton
@@ -79,7 +80,8 @@ def params(model: nn.Module) -> Params:
     """
     if not isinstance(model, nn.Module):
         raise InputError(
-            f"camfn.params needs an nn.Module, got {type(model).__name__}; a model_fn's params are your own dict"
+            f"camfn.params needs an nn.Module, got {type(model).__name__}; for a model_fn pass your own dict of "
+            "tensors as params"
         )
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(model.named_buffers(remove_duplicate=False))
@@ -97,6 +99,7 @@ class Cache:
     inference: dict[tuple, Any] = field(default_factory=dict)  # input shape -> inference.Inference
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
+    attention: dict[tuple, Any] = field(default_factory=dict)  # (pool,) -> legrad's (Program, blocks)
 
 
 @dataclass
@@ -110,8 +113,10 @@ class Traced:
     aliases: dict[str, tuple[str, ...]]  # tied parameters: key -> the other keys of the same tensor
     tracer: str = "fx"
     modules: frozenset[str] = frozenset()  # the model's module paths
+    batch: int | None = None  # the batch size the graph is fixed to (None: any)
     prefix_tokens: int | None = None
     cache: Cache = field(default_factory=Cache)
+    checked: tuple | None = None  # the last params dict found valid (camfn.checks.check_params), and its tensors
     shapes: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -124,7 +129,7 @@ class Traced:
     def complete(self, params: Params, reads: frozenset[str]) -> Params:
         """``params`` with every key in ``reads`` present (tied aliases, else the model's own tensors)."""
         if not isinstance(params, dict):
-            raise InputError(f"params must be a dict of tensors (camfn.params(model)), got {type(params).__name__}")
+            raise InputError(f"params must be a dict of tensors, got {type(params).__name__}; pass camfn.params(model)")
         keys = params.keys()
         unknown = keys - self.state_keys
         if unknown:
@@ -169,7 +174,8 @@ class Traced:
             )
         raise LayerError(
             f"layer {layer!r} is neither a node nor a module path of the traced model. "
-            f"Nearest names: {', '.join(hint) or '(none)'}. camfn.layers(model, x) lists them all.{extra}"
+            f"Pick one of the nearest names: {', '.join(hint) or '(none)'}; "
+            f"camfn.layers(model, x) lists them all.{extra}"
         )
 
     def node_shapes(self, x: Tensor) -> dict[str, Any]:
@@ -251,13 +257,11 @@ _SKIP = {
     "_is_full_backward_hook",
     *HOOK_DICTS,
 }
-_PLAIN = (int, float, str, bool, type(None), torch.dtype, torch.device)
+_PLAIN = {int, float, str, bool, type(None), torch.dtype, torch.device}
 
 
 def _value(v: Any) -> Any:
-    if isinstance(v, _PLAIN):
-        return v
-    if isinstance(v, tuple | list) and len(v) <= 16 and all(isinstance(i, _PLAIN) for i in v):
+    if isinstance(v, tuple | list) and len(v) <= 16 and all(type(i) in _PLAIN for i in v):
         return (type(v), *v)
     if isinstance(v, Tensor):
         return (id(v), v.shape, v.dtype, v.device)
@@ -270,18 +274,38 @@ def _state(d: dict[str, Any]) -> tuple:
 
 def fingerprint(model: nn.Module) -> tuple:
     """Everything the traced graph depends on: per module its identity, type, mode, hooks, non-tensor
-    attributes, and the identity, shape and dtype of its parameters and buffers."""
-    return tuple(
-        (
-            id(m),
-            type(m),
-            m.training,
-            *(tuple(getattr(m, h, ())) for h in HOOK_DICTS),
-            tuple((k, _value(v)) for k, v in m.__dict__.items() if k not in _SKIP),
-            _state(m._parameters),
-            _state(m._buffers),
+    attributes, the identity, shape and dtype of its parameters and buffers; and the global module hooks."""
+    out: list[tuple] = [_global_hooks()]
+    stack, seen = [model], set()
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        d = m.__dict__
+        out.append(
+            (
+                id(m),
+                type(m),
+                d.get("training"),
+                tuple(tuple(d[h]) if d.get(h) else () for h in HOOK_DICTS),
+                tuple((k, v if type(v) in _PLAIN else _value(v)) for k, v in d.items() if k not in _SKIP),
+                _state(d["_parameters"]) if d.get("_parameters") else (),
+                _state(d["_buffers"]) if d.get("_buffers") else (),
+            )
         )
-        for m in model.modules()
+        children = d.get("_modules")
+        if children:
+            stack.extend(reversed([c for c in children.values() if c is not None]))
+    return tuple(out)
+
+
+def _global_hooks() -> tuple:
+    from torch.nn.modules import module
+
+    return tuple(
+        tuple(getattr(module, k, {}))
+        for k in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks")
     )
 
 
@@ -341,7 +365,18 @@ def _tracer_kwargs(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _check_module(model: object) -> nn.Module:
     if not isinstance(model, nn.Module):
-        raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}")
+        raise InputError(
+            f"model must be an nn.Module or a function model_fn(params, x), got {type(model).__name__}; "
+            "pass one of these"
+        )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TraceError("TorchScript modules cannot be traced; explain the original nn.Module instead.")
+    if type(model).forward is nn.Module.forward:  # _forward_unimplemented: a wrapper that overrides __call__
+        raise InputError(
+            f"{type(model).__name__} has no forward() (it overrides __call__), so it cannot be traced as a module. "
+            "Define forward, or explain it as a function: "
+            "model_fn = lambda p, x: torch.func.functional_call(model, p, (x,))"
+        )
     if isinstance(model, torch.jit.ScriptModule):
         raise TraceError("TorchScript modules cannot be traced; explain the original nn.Module instead.")
     return model
@@ -369,7 +404,6 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
             ``autowrap_modules``, ``param_shapes_constant``) and ``concrete_args`` to ``trace``.
     """
     model = _check_module(model)
-    check_hooks(model, hooks)
     if tracer_options is not None and not isinstance(tracer_options, dict):
         raise OptionError(f"tracer_options must be a dict or None, got {type(tracer_options).__name__}")
     return _cached(
@@ -378,6 +412,7 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
 
 
 def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | None) -> Traced:
+    _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
     tracer = (CutTracer if isinstance(model, Cut) else NodePathTracer)(**_tracer_kwargs(tracer_options))
     tracer.proxy_buffer_attributes = True  # a buffer written in forward is recorded, never written while tracing
@@ -402,6 +437,13 @@ def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | No
         {n: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
     )
     return _traced(model, module, qualname, "fx")
+
+
+def _check_once(model: nn.Module, hooks: HookPolicy) -> None:
+    """Hooks and modes, checked when a trace is built: both are part of the fingerprint, so a cached trace
+    stands for a model that passed them."""
+    check_hooks(model, hooks)
+    check_model(model)
 
 
 def _traced(model: nn.Module, module: fx.GraphModule, qualname: dict[str, str], tracer: str) -> Traced:
@@ -581,9 +623,13 @@ def trace_export(
         torch.Size([1, 64, 64])
     """
     model = _check_module(model)
-    check_hooks(model, hooks)
     key = ("export", hooks, tuple(x.shape[1:]), x.dtype, x.device.type, _freeze(model_kwargs))
-    return _cached(model, key, fingerprint(model), lambda: _export(model, x, hooks, model_kwargs))
+    stamp = fingerprint(model)
+    result = _cached(model, key, stamp, lambda: _export(model, x, hooks, model_kwargs))
+    if result.batch is not None and result.batch != x.shape[0]:  # traced at another fixed batch size
+        b = x.shape[0]
+        result = _cached(model, (*key, b), stamp, lambda: _export(model, x, hooks, model_kwargs, batch=b))
+    return result
 
 
 def _bind(copy: nn.Module, model: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -611,24 +657,62 @@ def _image_input(model: nn.Module) -> bool:
     return "pixel_values" in names and names[0] != "pixel_values"
 
 
-def _export(model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None) -> Traced:
+def _export(
+    model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None, batch: int | None = None
+) -> Traced:
+    """Export with a dynamic batch; a model whose code fixes the batch size (a Python loop over samples, extra
+    inputs tied to the batch such as attention masks) is exported again at ``x``'s batch and marked
+    ``Traced.batch`` (its perturbed copies then run per batch). ``model_kwargs`` are bound into camfn's copy."""
+    _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
-    if model_kwargs or _image_input(model):
-        _bind(copy, model, dict(model_kwargs or {}))
-    example = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    kwargs = dict(model_kwargs or {})
+    if kwargs or _image_input(model):
+        _bind(copy, model, kwargs)
+    dynamic = batch is None
+    example = torch.zeros((_EXAMPLE_BATCH if dynamic else x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    exported = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                exported = torch.export.export(copy, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+                exported = torch.export.export(
+                    copy, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
+                )
             except Exception:
-                if not model_kwargs:
+                if not (dynamic and kwargs):
                     raise
-                # extra inputs tied to the batch (attention masks): a trace for x's own batch size
-                exported = torch.export.export(copy, (torch.zeros(x.shape, dtype=x.dtype, device=x.device),))
     except Exception as err:
         raise TraceError(_export_message(err, model, x)) from err
-    return _from_exported(exported, model, _export_names)
+    if exported is None:  # the extra inputs fix the batch size
+        return _export(model, x, hooks, model_kwargs, batch=x.shape[0])
+    if dynamic and not _dynamic_batch(exported, _EXAMPLE_BATCH):
+        return _export(model, x, hooks, model_kwargs, batch=x.shape[0])
+    result = _from_exported(exported, model, _export_names)
+    result.batch = None if dynamic else example.shape[0]
+    return result
+
+
+_EXAMPLE_BATCH = 5  # an unusual size: an output list of exactly this many items is a per-sample list
+
+
+def _dynamic_batch(exported: Any, batch: int) -> bool:
+    """Whether the exported program kept the batch dimension symbolic, in its input and in the structure of
+    its output (a per-sample list such as ``[dict(...) for row in out]`` fixes the count of items)."""
+
+    def per_sample(spec: Any) -> bool:
+        children = getattr(spec, "children_specs", [])
+        if spec.type in (list, tuple) and len(children) == batch:
+            return True
+        return any(per_sample(c) for c in children)
+
+    if per_sample(exported.call_spec.out_spec):
+        return False
+    names = set(exported.graph_signature.user_inputs[:1])
+    for node in exported.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            return val is not None and isinstance(val.shape[0], torch.SymInt)
+    return False
 
 
 def _from_exported(exported: Any, model: nn.Module, names: Callable[[fx.GraphModule, nn.Module], dict]) -> Traced:
@@ -683,30 +767,42 @@ def trace_function(fn: Callable[[Params, Tensor], Any], params: Params, x: Tenso
         torch.Size([1, 8, 8])
     """
     if not callable(fn):
-        raise InputError(f"model must be an nn.Module or a function model_fn(params, x), got {type(fn).__name__}")
+        raise InputError(
+            f"model must be an nn.Module or a function model_fn(params, x), got {type(fn).__name__}; pass one of these"
+        )
     if not isinstance(params, dict) or not all(isinstance(v, Tensor) for v in params.values()):
-        raise InputError("a model_fn needs params as a dict of tensors (its own parameters), e.g. {'w': tensor}")
+        raise InputError("a model_fn needs params as a dict of tensors (its own parameters): pass e.g. {'w': tensor}")
     stamp = tuple((k, v.shape, v.dtype, v.device) for k, v in params.items())
     key = ("function", tuple(x.shape[1:]), x.dtype, x.device.type)
     example = {k: v.detach() for k, v in params.items()}
-    return _cached(fn, key, stamp, lambda: _function(fn, example, x))
+    result = _cached(fn, key, stamp, lambda: _function(fn, example, x))
+    if result.batch is not None and result.batch != x.shape[0]:  # traced at another fixed batch size
+        b = x.shape[0]
+        result = _cached(fn, (*key, b), stamp, lambda: _function(fn, example, x, batch=b))
+    return result
 
 
-def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor) -> Traced:
+def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor, batch: int | None = None) -> Traced:
     wrapper = _Function(fn, example)
-    sample = torch.zeros((2, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dynamic = batch is None
+    sample = torch.zeros((_EXAMPLE_BATCH if dynamic else batch, *x.shape[1:]), dtype=x.dtype, device=x.device)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(wrapper, (sample,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            exported = torch.export.export(
+                wrapper, (sample,), dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
+            )
     except Exception as err:
         raise TraceError(
             f"camfn could not trace the model_fn {getattr(fn, '__qualname__', fn)!r}: {type(err).__name__}: {err}"
             f"{_where(err)}\nA model_fn is called as model_fn(params, x) with params a dict of tensors and x a "
-            "(B, C, H, W) batch; make it traceable by torch.export (no data-dependent Python control flow)"
+            "(B, C, H, W) batch; define it with that signature and make it traceable by torch.export (no "
+            "data-dependent Python control flow)"
         ) from err
+    if dynamic and not _dynamic_batch(exported, _EXAMPLE_BATCH):
+        return _function(fn, example, x, batch=x.shape[0])
     traced = _from_exported(exported, wrapper, _node_names)
-    traced.tracer = "function"
+    traced.tracer, traced.batch = "function", batch
 
     for n in traced.module.graph.nodes:  # the holder's buffers are the user's keys
         if n.op == "get_attr" and n.target in wrapper.names:

@@ -1,7 +1,8 @@
 r"""Pictures of maps: colormaps, overlays on images, and grids of methods x images.
 
-No OpenCV and no matplotlib: colormaps are small tables (or a closed form) evaluated with torch, images are
-tensors or PIL images, text is drawn with PIL's default font. An overlay is the convex blend
+No OpenCV and no matplotlib needed: colormaps are small tables (or a closed form) evaluated with torch (any
+callable ``values -> RGB`` and, when matplotlib is installed, its colormap names work too), images are tensors,
+numpy arrays or PIL images, text is drawn with PIL's default font. An overlay is the convex blend
 
 .. math:: O = (1 - \alpha)\, I + \alpha\, \mathrm{cmap}(L)
 
@@ -27,8 +28,11 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
@@ -36,9 +40,33 @@ from torch import Tensor
 
 from .errors import InputError, OptionError, nearest
 
-__all__ = ["COLORMAPS", "WRAP", "as_image", "blend", "colorize", "grid", "overlay", "to_pil", "upscale"]
+__all__ = [
+    "COLORMAPS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "WRAP",
+    "as_image",
+    "blend",
+    "colorize",
+    "deprocess",
+    "grid",
+    "overlay",
+    "preprocess",
+    "to_pil",
+    "upscale",
+]
 
-ImageLike = Tensor | Image.Image
+ImageLike = Tensor | np.ndarray | Image.Image
+MapLike = Tensor | np.ndarray
+Colormap = str | Callable[[np.ndarray], Any]
+"""A name in :data:`COLORMAPS`, a matplotlib colormap name (with matplotlib installed), or a callable taking
+values ``(...)`` in ``[0, 1]`` (a numpy float array) to colors ``(..., 3)`` or ``(..., 4)`` (floats in ``[0, 1]``
+or uint8), such as a matplotlib ``Colormap`` object."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+"""Per-channel mean of ImageNet images in ``[0, 1]`` (torchvision's normalisation)."""
+IMAGENET_STD = (0.229, 0.224, 0.225)
+"""Per-channel standard deviation of ImageNet images in ``[0, 1]``."""
 
 _VIRIDIS = (
     0x440154, 0x48186A, 0x472D7B, 0x424086, 0x3B528B, 0x33638D, 0x2C728E, 0x26828E, 0x21918C,
@@ -65,8 +93,48 @@ def _interpolate(table: Tensor, t: Tensor) -> Tensor:
     return table[low] * (1 - frac) + table[low + 1] * frac
 
 
-def colorize(maps: Tensor, cmap: str = "jet") -> Tensor:
+def _matplotlib_cmap(name: str) -> Callable[[np.ndarray], Any]:
+    try:
+        import matplotlib
+    except ImportError:
+        hint = nearest(name, COLORMAPS, n=1)
+        raise OptionError(
+            f"unknown colormap {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Use one of "
+            f"{COLORMAPS}, a callable values -> RGB, or install matplotlib for its colormap names"
+        ) from None
+    try:
+        return matplotlib.colormaps[name]
+    except KeyError:
+        hint = nearest(name, [*COLORMAPS, *matplotlib.colormaps], n=3)
+        raise OptionError(
+            f"unknown colormap {name!r}"
+            + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else "")
+            + f" Use one of {COLORMAPS}, a matplotlib colormap name or a callable values -> RGB"
+        ) from None
+
+
+def _call_cmap(fn: Callable[[np.ndarray], Any], t: Tensor) -> Tensor:
+    values = t.cpu().numpy().astype(np.float64)
+    try:
+        rgb = fn(values)
+    except Exception as e:
+        raise OptionError(f"the colormap callable failed on values in [0, 1]: {type(e).__name__}: {e}") from None
+    rgb = torch.as_tensor(np.asarray(rgb.detach().cpu() if isinstance(rgb, Tensor) else rgb))
+    if tuple(rgb.shape[:-1]) != tuple(t.shape) or rgb.shape[-1:] not in ((3,), (4,)):
+        raise OptionError(
+            f"the colormap callable returned shape {tuple(rgb.shape)} for values of shape {tuple(t.shape)}; it must "
+            "return colors (..., 3) or (..., 4) (RGB or RGBA), e.g. a matplotlib colormap"
+        )
+    rgb = rgb[..., :3].float() / 255 if not rgb.is_floating_point() else rgb[..., :3].float()
+    if not bool(torch.isfinite(rgb).all()) or float(rgb.min()) < 0 or float(rgb.max()) > 1:
+        raise OptionError("the colormap callable returned colors outside [0, 1]; return floats in [0, 1] or uint8")
+    return rgb.to(t.device)
+
+
+def colorize(maps: MapLike, cmap: Colormap = "jet") -> Tensor:
     """Color maps ``(..., H, W)`` with values in ``[0, 1]`` (clipped): ``(..., 3, H, W)`` RGB in ``[0, 1]``.
+
+    ``cmap``: see :data:`Colormap` (a callable's alpha channel is dropped).
 
     Example:
         >>> import torch
@@ -75,39 +143,97 @@ def colorize(maps: Tensor, cmap: str = "jet") -> Tensor:
         tensor([[0.0000, 0.0000, 0.5000],
                 [0.5000, 1.0000, 0.5000],
                 [0.5000, 0.0000, 0.0000]])
+        >>> colorize(torch.tensor([[0.25]]), lambda v: v[..., None].repeat(3, -1))[:, 0, 0]  # a gray ramp
+        tensor([0.2500, 0.2500, 0.2500])
     """
-    if cmap not in COLORMAPS:
-        hint = nearest(cmap, COLORMAPS, n=1)
-        raise OptionError(
-            f"unknown colormap {cmap!r}" + (f"; did you mean {hint[0]!r}?" if hint else "") + f" Use one of {COLORMAPS}"
-        )
-    t = maps.detach().float().clamp(0, 1)
-    if cmap == "jet":
+    t = _as_tensor_map(maps).float().clamp(0, 1)
+    if isinstance(cmap, str) and cmap not in COLORMAPS:
+        cmap = _matplotlib_cmap(cmap)
+    if callable(cmap):
+        rgb = _call_cmap(cmap, t)
+    elif cmap == "jet":
         rgb = (1.5 - (4 * t.unsqueeze(-1) - torch.tensor([3.0, 2.0, 1.0], device=t.device)).abs()).clamp(0, 1)
-    else:
+    elif cmap in ("viridis", "turbo"):
         rgb = _interpolate(_table(_VIRIDIS if cmap == "viridis" else _TURBO), t)
+    else:
+        raise OptionError(
+            f"cmap={cmap!r} ({type(cmap).__name__}): pass a colormap name such as 'jet' or a callable values -> RGB"
+        )
     return rgb.movedim(-1, -3)
+
+
+def _as_tensor_map(m: Any) -> Tensor:
+    if isinstance(m, np.ndarray):
+        m = torch.from_numpy(np.ascontiguousarray(m))
+    if not isinstance(m, Tensor):
+        raise InputError(f"a map must be a torch tensor or a numpy array, got {type(m).__name__}")
+    if m.dtype == torch.bool or m.is_complex():
+        raise InputError(f"a map of dtype {m.dtype}: pass real values in [0, 1] (m.float())")
+    m = m.detach().cpu()
+    if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+        raise InputError("the map holds NaN or Inf values; a picture of it would be wrong. Check the map's source")
+    return m
+
+
+def _composite(rgba: Tensor) -> Tensor:
+    """``(4, H, W)`` RGBA in ``[0, 1]`` over a white background: ``rgb * a + (1 - a)``."""
+    a = rgba[3:4]
+    return rgba[:3] * a + (1 - a)
+
+
+def _pil_pixels(image: Image.Image) -> Tensor:
+    """A PIL image of any mode as ``(3, H, W)`` in ``[0, 1]``: 16-bit scaled by 65535, alpha over white."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":  # 16-bit gray (PNG); "I" holds 16-bit PNGs in older Pillow
+        a = np.asarray(image).astype(np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise InputError(f"a {mode} image with values outside 0..65535; save it as an 8- or 16-bit image")
+        return torch.from_numpy(a / 65535).float()[None].expand(3, -1, -1).clone()
+    if mode == "F":
+        a = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+        if not bool(torch.isfinite(a).all()) or (a.numel() and (float(a.min()) < 0 or float(a.max()) > 1)):
+            raise InputError("a floating-point (mode F) image with values outside [0, 1]; scale it to [0, 1]")
+        return a[None].expand(3, -1, -1).clone()
+    alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info
+    rgb = image.convert("RGBA" if alpha else "RGB")
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    x = data.reshape(rgb.height, rgb.width, len(rgb.mode)).permute(2, 0, 1).float() / 255
+    return _composite(x) if alpha else x
 
 
 def as_image(image: ImageLike) -> Tensor:
     """An image as a ``(3, H, W)`` float tensor in ``[0, 1]``.
 
-    Accepts a PIL image (any mode), or a tensor ``(H, W)``, ``(1 or 3, H, W)`` or ``(1, 1 or 3, H, W)``:
-    integer tensors are divided by 255; float tensors already in ``[0, 1]`` are kept, others (a normalised
-    network input) are min-max rescaled for display. Gray images are repeated to 3 channels.
+    Accepts a PIL image (any mode: 16-bit gray divided by 65535, palette and gray expanded, an alpha channel
+    composited over white), a numpy array ``(H, W)``, ``(H, W, 1 | 3 | 4)`` (grad-cam's habit), or a tensor
+    ``(H, W)``, ``(1 | 3, H, W)`` or ``(1, 1 | 3, H, W)``. uint8 values are divided by 255, uint16 by 65535;
+    floats already in ``[0, 1]`` are kept, others (a normalised network input) are min-max rescaled for
+    display. Gray images are repeated to 3 channels; NaN or Inf pixels raise :class:`InputError`.
 
     Example:
-        >>> import torch
+        >>> import numpy as np, torch
         >>> from camfn.viz import as_image
         >>> as_image(torch.tensor([[-1.0, 1.0]])).tolist()
         [[[0.0, 1.0]], [[0.0, 1.0]], [[0.0, 1.0]]]
+        >>> as_image(np.full((1, 2, 3), 255, dtype=np.uint8)).shape
+        torch.Size([3, 1, 2])
     """
     if isinstance(image, Image.Image):
-        rgb = image.convert("RGB")
-        data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return data.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1).float() / 255
+        return _pil_pixels(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.uint16:
+            return as_image(torch.from_numpy(image.astype(np.float32) / 65535))
+        x = torch.from_numpy(np.ascontiguousarray(image))
+        if x.ndim == 3 and x.shape[-1] in (1, 3, 4):  # numpy images are (H, W, C)
+            x = x.permute(2, 0, 1)
+        if x.ndim == 3 and x.shape[0] == 4:  # RGBA: the color as any image, then alpha over white
+            a = x[3:4].float() / 255 if not x.is_floating_point() else x[3:4].float()
+            if not bool(torch.isfinite(a).all()) or float(a.min()) < 0 or float(a.max()) > 1:
+                raise InputError("the alpha channel of an (H, W, 4) image must lie in [0, 1] (floats) or 0..255")
+            return _composite(torch.cat([as_image(x[:3]), a]))
+        image = x
     if not isinstance(image, Tensor):
-        raise InputError(f"image must be a PIL image or a torch tensor, got {type(image).__name__}")
+        raise InputError(f"image must be a PIL image, a numpy array or a torch tensor, got {type(image).__name__}")
     x = image.detach().cpu()
     if x.ndim == 4 and x.shape[0] == 1:
         x = x[0]
@@ -115,27 +241,111 @@ def as_image(image: ImageLike) -> Tensor:
         x = x[None]
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise InputError(
-            f"image tensor of shape {tuple(image.shape)}: expected (H, W), (C, H, W) or (1, C, H, W) with C = 1 or 3"
+            f"image of shape {tuple(image.shape)}: expected (H, W), (C, H, W) or (1, C, H, W) with C = 1 or 3 "
+            "(numpy: (H, W, C))"
         )
+    if x.dtype == torch.bool or x.is_complex():
+        raise InputError(f"image of dtype {x.dtype}: pass uint8, uint16 or floats in [0, 1]")
     if not x.is_floating_point():
-        x = x.float() / 255
+        x = x.float() / (65535 if x.dtype == torch.uint16 else 255)
+    elif not bool(torch.isfinite(x).all()):
+        raise InputError("the image holds NaN or Inf pixels; replace them (torch.nan_to_num) before drawing")
     elif x.numel() and (x.min() < 0 or x.max() > 1):
         low, high = x.min(), x.max()
         x = (x - low) / (high - low) if high > low else torch.zeros_like(x)
     return x.float().expand(3, -1, -1).clone()
 
 
+def _target_size(h: int, w: int, size: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(size, tuple):
+        return size
+    short = min(h, w)
+    return max(1, round(h * size / short)), max(1, round(w * size / short))
+
+
+def _check_size(size: Any) -> None:
+    ok = size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 1)
+    if isinstance(size, tuple | list):
+        ok = len(size) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)
+    if not ok:
+        raise OptionError(f"size={size!r}: use None (keep), a whole number >= 1 (the shorter side) or (h, w)")
+
+
+def _stats(value: Any, name: str) -> Tensor:
+    t = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+    if t.numel() not in (1, 3) or not bool(torch.isfinite(t).all()) or (name == "std" and bool((t <= 0).any())):
+        raise OptionError(
+            f"{name}={value!r}: use 1 or 3 finite numbers"
+            + (" > 0" if name == "std" else "")
+            + " (ImageNet: viz.IMAGENET_MEAN, viz.IMAGENET_STD)"
+        )
+    return t.expand(3).reshape(1, 3, 1, 1)
+
+
+def preprocess(
+    image: ImageLike,
+    size: int | tuple[int, int] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Tensor:
+    """An image (as :func:`as_image` takes it) -> a network input ``(1, 3, h, w)``: ``(pixel - mean) / std``.
+
+    ``size``: ``None`` keeps the image's size, a whole number resizes the shorter side to it, ``(h, w)`` resizes
+    to exactly that (bilinear, antialiased). ImageNet statistics by default.
+
+    Example:
+        >>> import numpy as np
+        >>> from camfn.viz import preprocess
+        >>> x = preprocess(np.full((10, 20, 3), 255, dtype=np.uint8), 5, mean=(0.5,), std=(0.25,))
+        >>> tuple(x.shape), float(x[0, 0, 0, 0])
+        ((1, 3, 5, 10), 2.0)
+    """
+    _check_size(size)
+    mean_t, std_t = _stats(mean, "mean"), _stats(std, "std")
+    picture = as_image(image)
+    x = picture[None]
+    if size is not None:
+        h, w = _target_size(picture.shape[1], picture.shape[2], tuple(size) if isinstance(size, list) else size)
+        if (h, w) != tuple(picture.shape[1:]):
+            x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return (x - mean_t) / std_t
+
+
+def deprocess(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+    """A network input ``(1, 3, H, W)`` or ``(3, H, W)`` -> a uint8 image ``(H, W, 3)``: ``x * std + mean`` in
+    ``[0, 1]`` (clipped), times 255, rounded. Inverts :func:`preprocess` (at the same size) to 8-bit precision.
+
+    Example:
+        >>> import numpy as np
+        >>> from camfn.viz import deprocess, preprocess
+        >>> image = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+        >>> bool((deprocess(preprocess(image)) == image).all())
+        True
+    """
+    if not isinstance(x, Tensor):
+        raise InputError(f"deprocess takes a torch tensor (1, 3, H, W) or (3, H, W), got {type(x).__name__}")
+    t = x.detach().cpu().float()
+    if t.ndim == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != 3 or t.shape[0] != 3:
+        raise InputError(f"deprocess takes (1, 3, H, W) or (3, H, W), got shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise InputError("the input holds NaN or Inf values; there is no image to show")
+    t = (t[None] * _stats(std, "std") + _stats(mean, "mean"))[0].clamp(0, 1)
+    return (t * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+
+
 def upscale(image: Tensor, scale: int) -> Tensor:
     """Resize ``(C, H, W)`` by an integer ``scale`` (bilinear, ``align_corners=False``); ``scale=1`` is a no-op."""
-    if not isinstance(scale, int) or scale < 1:
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise OptionError(f"scale={scale!r}: use a whole number >= 1")
     if scale == 1:
         return image
     return F.interpolate(image[None], scale_factor=scale, mode="bilinear", align_corners=False)[0].clamp(0, 1)
 
 
-def _map2d(m: Tensor) -> Tensor:
-    m = m.detach().float().cpu()
+def _map2d(m: MapLike) -> Tensor:
+    m = _as_tensor_map(m).float()
     while m.ndim > 2 and m.shape[0] == 1:
         m = m[0]
     if m.ndim != 2:
@@ -143,8 +353,19 @@ def _map2d(m: Tensor) -> Tensor:
     return m
 
 
-def blend(image: ImageLike, m: Tensor, cmap: str = "jet", alpha: float = 0.5) -> Tensor:
+def _alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= float(alpha) <= 1:
+        raise OptionError(
+            f"alpha={alpha!r} ({type(alpha).__name__}): use a number between 0 (image only) and 1 (map only), "
+            "e.g. alpha=0.5"
+        )
+    return float(alpha)
+
+
+def blend(image: ImageLike, m: MapLike, cmap: Colormap = "jet", alpha: float = 0.5) -> Tensor:
     """``(1 - alpha) * image + alpha * cmap(m)`` as ``(3, H, W)`` in ``[0, 1]``; ``m`` resized to the image.
+
+    ``image`` as :func:`as_image` takes it (numpy too), ``m`` a tensor or numpy array ``(H', W')``.
 
     Example:
         >>> import torch
@@ -152,10 +373,9 @@ def blend(image: ImageLike, m: Tensor, cmap: str = "jet", alpha: float = 0.5) ->
         >>> blend(torch.ones(3, 2, 2), torch.zeros(2, 2), alpha=0.5)[:, 0, 0]
         tensor([0.5000, 0.5000, 0.7500])
     """
-    if not 0 <= alpha <= 1:
-        raise OptionError(f"alpha={alpha!r}: use a number between 0 (image only) and 1 (map only)")
-    picture = as_image(image)
+    alpha = _alpha(alpha)
     m = _map2d(m)
+    picture = as_image(image)
     if tuple(m.shape) != tuple(picture.shape[1:]):
         m = F.interpolate(m[None, None], size=picture.shape[1:], mode="bilinear", align_corners=False)[0, 0]
     return ((1 - alpha) * picture + alpha * colorize(m, cmap)).clamp(0, 1)
@@ -169,11 +389,20 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(x.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
 
 
-def overlay(image: ImageLike, m: Tensor, cmap: str = "jet", alpha: float = 0.5, scale: int = 1) -> Image.Image:
+def overlay(image: ImageLike, m: MapLike, cmap: Colormap = "jet", alpha: float = 0.5, scale: int = 1) -> Image.Image:
     """The map ``m`` ``(H', W')`` over ``image``, as a PIL image ``scale`` times the image's size.
 
-    The blend is computed at the image's own size (``m`` resized to it), then upscaled: ``scale=1`` gives
-    a picture exactly the image's size, ``scale=4`` makes a 64-pixel image viewable.
+    The blend :func:`blend` is computed at the image's own size (``m`` resized to it), then upscaled:
+    ``scale=1`` gives a picture exactly the image's size, ``scale=4`` makes a 64-pixel image viewable. Numpy
+    images ``(H, W, 3)`` (uint8 or floats in ``[0, 1]``) and numpy maps work as in pytorch-grad-cam's
+    ``show_cam_on_image``; ``cmap`` may be a callable or a matplotlib name (:data:`Colormap`).
+
+    Example:
+        >>> import numpy as np
+        >>> from camfn.viz import overlay
+        >>> image = np.full((4, 4, 3), 255, dtype=np.uint8)
+        >>> overlay(image, np.zeros((2, 2)), alpha=0.5).getpixel((0, 0))  # white + jet(0) = (0, 0, 0.5)
+        (128, 128, 191)
     """
     return to_pil(upscale(blend(image, m, cmap, alpha), scale))
 
@@ -202,9 +431,9 @@ def _lines(count: int, columns: int | None, images: int) -> int:
 
 def grid(
     images: Sequence[ImageLike],
-    maps: Mapping[str, Tensor | Sequence[Tensor]],
+    maps: Mapping[str, MapLike | Sequence[MapLike]],
     *,
-    cmap: str = "jet",
+    cmap: Colormap = "jet",
     alpha: float = 0.5,
     cell: int = 128,
     row_titles: Sequence[str] | None = None,

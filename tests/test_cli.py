@@ -7,7 +7,6 @@ shapes model and demo image (``make demo``).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -173,19 +172,22 @@ def test_exported_model_layers(files, capsys):
     assert "<- default" in out
 
 
-def test_progress_bar_only_on_a_terminal():
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+def test_progress_bar_is_tqdm_and_optional(monkeypatch):
+    tqdm = pytest.importorskip("tqdm")
+    bar = cli.progress(4, enabled=True)
+    assert isinstance(bar, tqdm.tqdm) and bar.total == 4
+    bar.close()
+    assert cli.progress(4, enabled=False) is None  # --quiet
+    assert cli.progress(1, enabled=True) is None  # one map: no bar
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # tqdm not installed: no bar, no error
+    assert cli.progress(4, enabled=True) is None
 
-    shown, hidden, quiet = Terminal(), io.StringIO(), Terminal()
-    for stream, enabled in ((shown, True), (hidden, True), (quiet, False)):
-        bar = cli.Progress(4, stream, enabled)
-        for label in "abcd":
-            bar.step(label)
-        bar.close()
-    assert "[##########..........] 2/4 c" in shown.getvalue()
-    assert hidden.getvalue() == quiet.getvalue() == ""
+
+def test_explain_runs_without_tqdm(monkeypatch, files, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    args = ["explain", str(files["photo"]), str(files["photo"]), "--model", str(files["pt2"]), "--out", str(tmp_path)]
+    assert run(args, capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo__gradcam.png", "photo_gradcam.png"]
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -204,18 +206,18 @@ BAD = [
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{broken}"], "cannot read weights"),
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{wrong_state}"], "do not fit resnet18"),
     (["explain", "{photo}", "--model", "resnet18", "--weights", "{tiny_state}", "--pretrained"], "not both"),
-    (["explain", "{photo}", "--model", "{pt2}", "--target", "7"], "the model has 5 classes"),
+    (["explain", "{photo}", "--model", "{pt2}", "--target", "7"], "target class 7 is out of range"),
     (["explain", "{photo}", "--model", "{pt2}", "--target", "-1"], "class indices start at 0"),
     (["explain", "{photo}", "--model", "{pt2}", "--target", "dog"], "is not a class index"),
     (["explain", "--target", "sqare"], "did you mean 'square'? Classes: circle, square, triangle, cross, ring"),
     (["explain", "{photo}", "--model", "{static}", "--method", "scorecam"], "Export with a dynamic batch"),
-    (["explain", "{photo}", "--alpha", "1.5"], "--alpha 1.5"),
-    (["explain", "{photo}", "--scale", "0"], "--scale 0"),
+    (["explain", "{photo}", "--alpha", "1.5"], "argument --alpha: '1.5': use a number between 0"),
+    (["explain", "{photo}", "--scale", "0"], "argument --scale: '0': use a whole number from 1"),
     (["explain", "{photo}", "--out", "{afile}"], "is a file"),
     (["explain", "{photo}", "--device", "nonsense"], "is not a device"),
     (["explain", "{photo}", "--size", "big"], "use a whole number"),
     (["explain", "{photo}", "--mean", "a,b"], "one number or three"),
-    (["explain", "{photo}", "--cmap", "rainbow"], "invalid choice"),
+    (["explain", "{photo}", "--cmap", "rainbo"], "unknown colormap 'rainbo'"),
     (["frobnicate"], "invalid choice"),
     ([], "required"),
 ]
@@ -326,3 +328,119 @@ def test_make_demo_command_writes_the_method_grid(tmp_path):
     lines = -(-(len(camfn.METHODS) + 1) // viz.WRAP)  # one image: the cells wrap onto lines of viz.WRAP
     width, height = Image.open(grid).size
     assert width > 128 * viz.WRAP and height > 128 * lines  # 64 px cells upscaled to 128 px
+
+
+# ------------------------------------------------------------------------------------------ image modes
+def png_16bit_rgb(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG (PIL cannot write one): IHDR depth 16, colour type 2, unfiltered rows."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = pixels.shape
+    rows = b"".join(b"\0" + pixels[y].astype(">u2").tobytes() for y in range(h))
+    header = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
+RAMP16 = (np.arange(12 * 16).reshape(12, 16) * 300).astype(np.uint16)  # 0 .. 57300: mostly above 255
+GRAY8 = (np.arange(12 * 16).reshape(12, 16) % 256).astype(np.uint8)
+ALPHA = (np.arange(12 * 16).reshape(12, 16) * 7 % 256).astype(np.uint8)
+PALETTE = np.array([[255, 0, 0], [0, 128, 255], [10, 20, 30], [200, 200, 0]], dtype=np.uint8)
+INDICES = (np.arange(12 * 16).reshape(12, 16) % 4).astype(np.uint8)
+RGB = (np.random.default_rng(3).random((12, 16, 3)) * 255).astype(np.uint8)
+
+
+def _palette_image(transparent: int | None) -> Image.Image:
+    image = Image.fromarray(INDICES, mode="L").convert("P")
+    image.putpalette(PALETTE.reshape(-1).tolist() + [0] * (768 - PALETTE.size))
+    image.putdata(INDICES.reshape(-1).tolist())
+    if transparent is not None:
+        image.info["transparency"] = transparent
+    return image
+
+
+def _gray(v: np.ndarray) -> np.ndarray:
+    return np.repeat(v[..., None], 3, axis=2)
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    a = alpha[..., None] / 255
+    return rgb / 255 * a + (1 - a)
+
+
+IMAGE_MODES = {
+    # mode: (writer(path), expected (H, W, 3) floats in [0, 1])
+    "16-bit gray": (lambda p: Image.fromarray(RAMP16).save(p), _gray(RAMP16 / 65535)),
+    "16-bit RGB": (lambda p: png_16bit_rgb(p, np.stack([RAMP16, RAMP16 // 2, 65535 - RAMP16], -1)), None),
+    "8-bit gray": (lambda p: Image.fromarray(GRAY8).save(p), _gray(GRAY8 / 255)),
+    "1-bit": (lambda p: Image.fromarray(GRAY8 > 100).save(p), _gray((GRAY8 > 100).astype(float))),
+    "palette": (lambda p: _palette_image(None).save(p), PALETTE[INDICES] / 255),
+    "palette with a transparent index": (
+        lambda p: _palette_image(1).save(p, transparency=1),
+        np.where((INDICES == 1)[..., None], 1.0, PALETTE[INDICES] / 255),
+    ),
+    "gray with alpha": (
+        lambda p: Image.fromarray(np.stack([GRAY8, ALPHA], -1), mode="LA").save(p),
+        _over_white(_gray(GRAY8).astype(float), ALPHA),
+    ),
+    "RGBA": (
+        lambda p: Image.fromarray(np.concatenate([RGB, ALPHA[..., None]], -1), mode="RGBA").save(p),
+        _over_white(RGB.astype(float), ALPHA),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(IMAGE_MODES))
+def test_image_modes_are_read_at_their_depth(mode, tmp_path):
+    write, expected = IMAGE_MODES[mode]
+    path = tmp_path / "image.png"
+    write(path)
+    got = cli.load_image(path).permute(1, 2, 0).double().numpy()
+    if mode == "16-bit RGB":  # Pillow keeps the high byte of each 16-bit sample: within one 8-bit step
+        expected = np.stack([RAMP16, RAMP16 // 2, 65535 - RAMP16], -1) / 65535
+        assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+    else:
+        np.testing.assert_allclose(got, expected, atol=1e-6)  # float32 rounding only
+    assert got.min() < 0.5  # not the all-white picture convert("RGB") gave 16-bit images
+
+
+def test_explain_draws_a_16_bit_png_as_it_is(files, tmp_path, capsys):
+    path = tmp_path / "deep.png"
+    Image.fromarray(RAMP16).save(path)
+    args = ["explain", str(path), "--model", str(files["pt2"]), "--out", str(tmp_path / "out"), "--npy"]
+    assert run([*args, "--alpha", "0"], capsys)[0] == 0
+    drawn = np.asarray(Image.open(tmp_path / "out" / "deep_gradcam.png"), dtype=np.float64)
+    np.testing.assert_allclose(drawn, _gray(RAMP16 / 65535 * 255), atol=0.5)  # alpha 0: the image, 8-bit rounded
+    assert run([*args, "--alpha", "0.5"], capsys)[0] == 0
+    drawn = np.asarray(Image.open(tmp_path / "out" / "deep_gradcam.png"), dtype=np.float64) / 255
+    m = torch.from_numpy(np.load(tmp_path / "out" / "deep_gradcam.npy"))
+    m = torch.nn.functional.interpolate(m[None, None], size=(12, 16), mode="bilinear", align_corners=False)[0, 0]
+    expected = 0.5 * _gray(RAMP16 / 65535) + 0.5 * viz.colorize(m, "jet").permute(1, 2, 0).numpy()
+    assert np.abs(drawn - expected).max() < 1 / 255  # the blend formula on the 16-bit image, 8-bit rounded
+
+
+def test_outputs_replace_a_symlink_instead_of_following_it(files, tmp_path, capsys):
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"keep me")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("photo_gradcam.png", "photo_gradcam.npy"):
+        (out / name).symlink_to(victim)
+    args = ["explain", str(files["photo"]), "--model", str(files["pt2"]), "--out", str(out), "--npy", "-q"]
+    assert run(args, capsys)[0] == 0
+    assert victim.read_bytes() == b"keep me"
+    assert not (out / "photo_gradcam.png").is_symlink() and Image.open(out / "photo_gradcam.png").size == (40, 24)
+    assert np.load(out / "photo_gradcam.npy").shape == (32, 32)
+    assert sorted(p.name for p in out.iterdir()) == ["photo_gradcam.npy", "photo_gradcam.png"]  # no temp files left
+
+
+def test_load_model_lives_in_zoo(files):
+    from camfn import zoo
+
+    assert cli.load_model is zoo.load_model and cli.Model is zoo.Model
+    loaded = zoo.load_model(str(files["pt2"]))
+    assert loaded.size == (32, 32) and loaded.hooks == "ignore"

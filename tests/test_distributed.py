@@ -9,6 +9,7 @@ for byte, as the in-process run; a rerun must recompute exactly the missing shar
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -253,7 +254,8 @@ def test_cli_eval_on_an_image_folder_with_class_subfolders(tmp_path, capsys):
     [
         (["--metrics", "nope"], "unknown metric 'nope'"),
         (["--method", "gradcam,layercam"], "one method per run"),
-        (["--samples", "0"], "--samples 0: use a positive number"),
+        (["--samples", "0"], "argument --samples: '0': use a whole number from 1"),
+        (["--steps", "0"], "argument --steps: '0': use a whole number from 1"),
     ],
 )
 def test_cli_eval_bad_input_exits_2(args, match, tmp_path, capsys):
@@ -264,3 +266,114 @@ def test_cli_eval_bad_input_exits_2(args, match, tmp_path, capsys):
 def test_cli_eval_on_a_missing_folder_exits_2(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert "is not a folder; pass 'shapes' or a folder of images" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ failures and resume
+def tiny(classes: int = 5) -> torch.nn.Module:
+    from conftest import GapNet
+
+    torch.manual_seed(0)
+    return GapNet(classes=classes).eval()
+
+
+def tiny_data(n: int = 8) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.rand(3, 16, 16, generator=g), i % 5) for i in range(n)]
+
+
+def test_non_finite_samples_are_reported_failed_and_never_scored(tmp_path, capsys):
+    model, data = tiny(), tiny_data()
+    data[2] = (
+        data[2][0].clone().index_put_((torch.tensor(0), torch.tensor(3), torch.tensor(3)), torch.tensor(math.nan)),
+        2,
+    )
+    data[5] = (data[5][0].clone().index_fill_(2, torch.tensor([1]), math.inf), 0)
+    names = ("confidence", "average_drop")
+    report = evaluate("gradcam", model, data, "conv2", out_dir=tmp_path / "run", shard_size=3, metrics=names)
+    assert [f["index"] for f in report["failed"]] == [2, 5]
+    good = [i for i in range(len(data)) if i not in (2, 5)]
+    x = torch.stack([data[i][0] for i in good])
+    labels = torch.tensor([data[i][1] for i in good])
+    p = camfn.params(model)
+    maps = camfn.gradcam(model, p, x, "conv2", labels)
+    direct = {
+        "confidence": metrics.confidence(model, p, x, labels).double(),
+        "average_drop": metrics.average_drop(model, p, x, maps, labels).double(),
+    }
+    for name, values in direct.items():
+        assert report["metrics"][name]["count"] == len(good)
+        assert report["metrics"][name]["mean"] == pytest.approx(values.mean().item(), abs=1e-6)
+    shards = [torch.load(f, weights_only=True) for f in shard_files(tmp_path / "run")]
+    failed = torch.cat([s["failed"] for s in shards])
+    assert failed.tolist() == [i in (2, 5) for i in range(len(data))]
+    stored = torch.cat([s["maps"] for s in shards]).float()
+    assert bool(stored[failed].isnan().all()) and bool(stored[~failed].isfinite().all())
+
+
+def test_a_model_with_a_nan_weight_fails_every_sample(tmp_path, capsys):
+    model = tiny()
+    with torch.no_grad():
+        model.conv1.weight[0, 0, 0, 0] = math.nan
+    report = evaluate("gradcam", model, tiny_data(4), "conv2", out_dir=tmp_path / "run", metrics=["confidence"])
+    assert [f["index"] for f in report["failed"]] == [0, 1, 2, 3]
+    assert report["metrics"]["confidence"] == {"mean": None, "std": None, "count": 0}
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report  # plain JSON, no NaN literal
+
+
+def test_cli_eval_names_the_failed_samples(tmp_path, capsys, monkeypatch):
+    loaded = cli.load_model("shapes")
+    with torch.no_grad():
+        loaded.module.fc.bias[0] = math.nan  # every output NaN: every sample fails
+    monkeypatch.setattr(cli, "load_model", lambda *args: loaded)
+    args = ["eval", "shapes", "--samples", "3", "--size", "32", "--metrics", "confidence", "--out", str(tmp_path)]
+    assert cli.main(args) == 0
+    captured = capsys.readouterr()
+    assert "note: 3 sample(s) failed (not scored): 0, 1, 2" in captured.err
+    assert "confidence         -         -  0" in captured.out
+
+
+def test_a_generator_seed_is_stored_by_value(tmp_path):
+    model, data = tiny(), tiny_data(4)
+    kw = {"out_dir": tmp_path / "run", "metrics": ["confidence"], "n": 2}
+    lines: list[str] = []
+    evaluate("smooth_gradcampp", model, data, "conv2", seed=torch.Generator().manual_seed(7), **kw)
+    config = (tmp_path / "run" / "config.json").read_text()
+    assert "0x" not in config and '"initial_seed": 7' in config
+    evaluate("smooth_gradcampp", model, data, "conv2", seed=torch.Generator().manual_seed(7), log=lines.append, **kw)
+    assert lines == ["rank 0: shard 0 skipped (done)"]  # an identical rerun resumes
+    with pytest.raises(camfn.OptionError, match="differs in: method_options"):
+        evaluate("smooth_gradcampp", model, data, "conv2", seed=torch.Generator().manual_seed(8), **kw)
+
+
+class Tempered(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tiny()
+        self.temperature = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.temperature
+
+
+def test_a_changed_forward_with_the_same_parameters_is_refused(tmp_path):
+    model, data = Tempered().eval(), tiny_data(4)
+    evaluate("gradcam", model, data, "net.conv2", out_dir=tmp_path / "run", metrics=["confidence"])
+    model.temperature = -3.0  # same parameters, another forward: the shards would be stale
+    with pytest.raises(camfn.OptionError, match=r"differs in: forward\)"):
+        evaluate("gradcam", model, data, "net.conv2", out_dir=tmp_path / "run", metrics=["confidence"])
+
+
+def test_cli_eval_reports_a_repaired_shard_once(tmp_path, capsys):
+    args = ["eval", "shapes", "--samples", "4", "--size", "32", "--shard-size", "2", "--metrics", "confidence"]
+    args += ["--out", str(tmp_path), "-q"]
+    assert cli.main(args) == 0
+    first = (tmp_path / "report.json").read_bytes()
+    shard = tmp_path / "maps" / "shard_00001.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count("does not match its checksum") == 1 and err.startswith("warning: ")  # shown despite -q
+    assert (tmp_path / "report.json").read_bytes() == first

@@ -274,5 +274,5 @@ def test_model_fn_errors() -> None:
     p = {"w": torch.randn(2, 3, 3, 3)}
     with pytest.raises(camfn.InputError, match=r"camfn\.params needs an nn\.Module"):
         camfn.params(lambda p, x: x)
-    with pytest.raises(camfn.LayerError, match="Nearest"):
+    with pytest.raises(camfn.LayerError, match="nearest names"):
         camfn.gradcam(lambda q, x: F.conv2d(x, q["w"]).mean((2, 3)), p, image(1, 6).float(), "conv", 0)

@@ -366,5 +366,6 @@ def test_errors(region_model, flat_image):
         metrics.confidence(region_model, p, flat_image, torch.zeros(1, 2, dtype=torch.long))
     with pytest.raises(TargetError, match="out of range"):
         metrics.confidence(region_model, p, flat_image, 2)
-    with pytest.raises(TargetError, match="callable"):
-        metrics.confidence(region_model, p, flat_image, lambda out: out[:, 0])
+    # a callable target scores the raw output: here the log-probability of class 0
+    got = metrics.confidence(region_model, p, flat_image, lambda out: out[:, 0])
+    assert torch.allclose(got, torch.tensor([0.2], dtype=torch.float64).log())

@@ -167,3 +167,78 @@ def test_grid_wraps_one_image_into_lines_of_columns():
     assert two_images.width == 4 + 8 * 36  # several images: one line each by default (methods stay in columns)
     with pytest.raises(OptionError, match="columns"):
         viz.grid([image], maps, columns=0)
+
+
+# ------------------------------------------------------------------------------ numpy, colormaps, preprocess
+def test_overlay_on_numpy_is_the_blend_formula_per_pixel():
+    rng = np.random.default_rng(1)
+    image = (rng.random((6, 9, 3)) * 255).astype(np.uint8)
+    m = rng.random((6, 9))
+    alpha = 0.3
+    picture = np.asarray(viz.overlay(image, m, "jet", alpha=alpha), dtype=np.float64)
+    t = np.clip(m, 0, 1)[..., None]
+    jet = np.clip(1.5 - np.abs(4 * t - np.array([3.0, 2.0, 1.0])), 0, 1)  # the closed form, in numpy
+    expected = np.round(255 * ((1 - alpha) * image / 255 + alpha * jet))
+    assert np.abs(picture - expected).max() <= 1  # float32 blend, then 8-bit rounding
+    floats = np.asarray(viz.overlay(image / 255, m.astype(np.float32), "jet", alpha=np.float32(alpha)))
+    assert np.abs(floats.astype(int) - picture).max() <= 1  # (H, W, 3) floats in [0, 1] as uint8 / 255
+
+
+def test_numpy_gray_and_rgba_images():
+    gray = np.array([[0, 255]], dtype=np.uint8)
+    assert viz.as_image(gray).tolist() == [[[0.0, 1.0]]] * 3
+    rgba = np.array([[[255, 0, 0, 255], [0, 0, 0, 0]]], dtype=np.uint8)  # opaque red, transparent black
+    torch.testing.assert_close(viz.as_image(rgba)[:, 0], torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 1.0]]))
+    sixteen = np.array([[0, 65535, 32768]], dtype=np.uint16)
+    torch.testing.assert_close(viz.as_image(sixteen)[0, 0], torch.tensor([0.0, 1.0, 32768 / 65535]))
+
+
+def test_a_callable_colormap_and_matplotlib_names():
+    m = torch.linspace(0, 1, 11)[None]
+    gray = viz.colorize(m, lambda v: np.repeat(v[..., None], 3, -1))
+    torch.testing.assert_close(gray[:, 0].T, m[0][:, None].expand(11, 3))
+    as_bytes = viz.colorize(m, lambda v: (np.repeat(v[..., None], 4, -1) * 255).astype(np.uint8))  # RGBA uint8
+    assert (as_bytes - gray).abs().max() <= 1 / 255
+    matplotlib = pytest.importorskip("matplotlib")
+    expected = torch.tensor(matplotlib.colormaps["magma"](m[0].double().numpy())[:, :3], dtype=torch.float32)
+    torch.testing.assert_close(viz.colorize(m, "magma")[:, 0].T, expected)
+    torch.testing.assert_close(viz.colorize(m, matplotlib.colormaps["magma"])[:, 0].T, expected)
+    with pytest.raises(OptionError, match="did you mean 'magma'"):
+        viz.colorize(m, "magmaa")
+
+
+def test_without_matplotlib_a_name_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(OptionError, match="install matplotlib"):
+        viz.colorize(torch.zeros(2, 2), "magma")
+    assert viz.colorize(torch.zeros(1, 1), "viridis").shape == (3, 1, 1)  # the built-in tables need nothing
+
+
+@pytest.mark.parametrize("alpha", ["0.5", None, True, [0.5], float("inf")])
+def test_alpha_must_be_a_number_in_the_unit_interval(alpha):
+    with pytest.raises(OptionError, match=r"alpha=.*use a number between 0 \(image only\) and 1"):
+        viz.overlay(torch.zeros(3, 2, 2), torch.zeros(2, 2), alpha=alpha)
+
+
+def test_preprocess_normalises_and_deprocess_inverts_it():
+    rng = np.random.default_rng(2)
+    image = (rng.random((7, 10, 3)) * 255).astype(np.uint8)
+    x = viz.preprocess(image)
+    assert x.shape == (1, 3, 7, 10)
+    mean, std = np.array(viz.IMAGENET_MEAN), np.array(viz.IMAGENET_STD)
+    np.testing.assert_allclose(x[0].permute(1, 2, 0).numpy(), (image / 255 - mean) / std, atol=1e-5)
+    assert np.array_equal(viz.deprocess(x), image)  # exact round trip at the same size
+    assert viz.deprocess(x[0]).dtype == np.uint8
+    pil = viz.preprocess(Image.fromarray(image), size=5)  # shorter side 5: (5, 7)
+    assert pil.shape == (1, 3, 5, 7)
+    assert viz.preprocess(image, size=(4, 4), mean=(0.5,), std=(0.5,)).shape == (1, 3, 4, 4)
+    torch.testing.assert_close(viz.preprocess(image, mean=(0.0,), std=(1.0,))[0], viz.as_image(image))
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 9), st.integers(1, 9), st.integers(0, 2**16))
+def test_deprocess_preprocess_round_trip(h, w, seed):
+    image = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    assert np.array_equal(viz.deprocess(viz.preprocess(image)), image)

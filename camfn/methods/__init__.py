@@ -1,5 +1,6 @@
 """Methods by family: :mod:`~camfn.methods.gradient`, :mod:`~camfn.methods.activation`,
-:mod:`~camfn.methods.perturbation` (each method one function on :func:`camfn.driver.method`), and
+:mod:`~camfn.methods.perturbation` (each method one function on :func:`camfn.driver.method`),
+:mod:`~camfn.methods.composite` (methods on a base method), :mod:`~camfn.methods.attention` (LeGrad), and
 :mod:`~camfn.methods.guided` (input gradients, not maps). Importing the families fills :data:`METHODS`."""
 
 from ..driver import REGISTRY as METHODS
@@ -7,8 +8,24 @@ from . import gradient  # the registry lists the gradient family first
 
 # isort: split
 from . import activation, perturbation
+
+# isort: split
+from . import composite  # built on the families above
+
+# isort: split
+from . import attention
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
 
-__all__ = ["METHODS", "activation", "gradient", "guided_backprop", "guided_gradcam", "perturbation", *METHODS]
+__all__ = [
+    "METHODS",
+    "activation",
+    "attention",
+    "composite",
+    "gradient",
+    "guided_backprop",
+    "guided_gradcam",
+    "perturbation",
+    *METHODS,
+]

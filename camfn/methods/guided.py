@@ -188,7 +188,9 @@ def guided_backprop(
     """
     check_input(x)
     if not isinstance(model, nn.Module):
-        raise InputError(f"guided backpropagation needs an nn.Module (its ReLUs), got {type(model).__name__}")
+        raise InputError(
+            f"guided backpropagation needs an nn.Module (its ReLUs), got {type(model).__name__}; pass the module"
+        )
     check_model(model)
     traced = trace(model, hooks=hooks, tracer_options=tracer_options)
     program = guided_program(traced)
