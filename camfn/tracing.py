@@ -569,7 +569,12 @@ def _export_message(err: BaseException, model: nn.Module, x: Tensor) -> str:
             model, key.group(1)
         )
     missing = [n for n in accepted if n not in ("self", "pixel_values") and re.search(rf"\b{n}\b", str(err))]
-    if isinstance(err, ValueError | TypeError) and missing:
+    if "data-dependent" in message or "guard" in message:
+        why = (
+            "data-dependent Python control flow (an `if` on tensor values) defeats both tracers: mark that "
+            "submodule as a leaf (tracer_options={'leaf_modules': [TheirClass]}) or explain camfn.Cut(head, tail)"
+        )
+    elif isinstance(err, ValueError | TypeError) and missing:
         why = (
             f"{type(model).__name__} needs the input {missing[0]!r} besides the image: pass it with "
             f"model_kwargs={{{missing[0]!r}: ...}} (fixed for every call, e.g. CLIPModel's tokenized texts)"
@@ -595,11 +600,6 @@ def _export_message(err: BaseException, model: nn.Module, x: Tensor) -> str:
     elif isinstance(err, RuntimeError) and ("shape" in message or "size" in message):
         why = (
             f"the model cannot run on an input of shape {tuple(x.shape)}: check the input size and channels it expects"
-        )
-    elif "data-dependent" in message or "guard" in message:
-        why = (
-            "data-dependent Python control flow (an `if` on tensor values) defeats both tracers: mark that "
-            "submodule as a leaf (tracer_options={'leaf_modules': [TheirClass]}) or explain camfn.Cut(head, tail)"
         )
     else:
         why = "see the original error above; camfn.Cut(head, tail) explains any model"
