@@ -5,6 +5,9 @@ similarity and segmentation targets, model_kwargs, Cut on attention blocks, and 
 from __future__ import annotations
 
 import copy
+import pathlib
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -22,6 +25,7 @@ from pytorch_grad_cam import GradCAM  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
 
 SIZE = 64
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _vit(**extra):
@@ -433,3 +437,10 @@ def test_detr_without_target_is_a_clear_error(models, x):
     model = models("detr")
     with pytest.raises(camfn.errors.TargetError, match="callable"):
         camfn.gradcam(model, camfn.params(model), x)
+
+
+def test_camfn_import_does_not_import_transformers():
+    """The adapter is imported only when a transformers model is explained."""
+    code = "import sys, camfn; print('transformers' in sys.modules, 'camfn.adapters.transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == ["False", "False"]

@@ -7,8 +7,7 @@ Inferred from the traced model and its config, never from a table of class names
 ``layer``                  CNNs and CNN backbones (ResNet, ConvNeXt, DETR): the last element of ``stages`` when
                            it gives channel-first maps; ViT-likes with prefix tokens (ViT, DeiT, BEiT, Dinov2,
                            CLIP): the last block's first norm; token models without prefix tokens (Swin,
-                           Segformer): the last hidden state (the last norm); else the last channel-first map
-                           before the layer giving segmentation logits
+                           Segformer): the last hidden state (the last norm); else camfn's generic default
 ``layout``                 ``Tokens(prefix=p)`` for ``(B, N, D)`` layers, with ``p = N - (H / P)(W / P)`` from
                            the config's patch size ``P`` (CLS, distillation and register tokens)
 ``output``                 the first output field of ``logits``, ``logits_per_image``, ``image_embeds``,
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..layer_names import channel_first, default_node, input_nodes, spatial, token_layer
+from ..layer_names import channel_first, input_nodes, spatial, token_layer
 from ..layout import Tokens
 from ..targets import pick
 from . import Defaults, register
@@ -120,24 +119,6 @@ def _stage(model: nn.Module, trace: Any, x: Tensor) -> str | None:
     return path if ok and channel_first(tuple(info[0]), tuple(x.shape)) else None
 
 
-def _before_output(trace: Any, x: Tensor, logits: Any) -> str | None:
-    """Segmentation logits ``(B, C, h, w)``: the last channel-first map before the layer that gives them."""
-    node = default_node(trace, x)
-    info = trace.node_shapes(x)[node]
-    if not (isinstance(logits, tuple) and tuple(info[0]) == tuple(logits[0])):
-        return None
-    order = list(trace.qualname)
-    shapes = trace.node_shapes(x)
-    for earlier in reversed(order[: order.index(node)]):
-        found = shapes.get(earlier)
-        name = trace.qualname[earlier]
-        if found is None or name not in trace.modules or len(found[0]) != x.ndim or not spatial(tuple(found[0])):
-            continue
-        if channel_first(tuple(found[0]), tuple(x.shape)):
-            return name
-    return None
-
-
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
     """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring)."""
     if trace is None or x.ndim != 4:
@@ -149,8 +130,6 @@ def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor)
     if block is not None:
         layout = _tokens(model, tuple(shapes[trace.resolve(block)][0]), x)
         layer = block if layout.prefix else (_last_norm(trace, x) or block)
-    elif layer is None and output == "logits":
-        layer = _before_output(trace, x, shapes["output"]["logits"])
     target = None
     if output in EMBEDDINGS:
         with torch.no_grad():
