@@ -209,15 +209,22 @@ def default_layer(
     tracer_options: dict[str, Any] | None = None,
     tracer: str = "auto",
 ) -> str:
-    """The layer ``layer=None`` picks: the last module output whose spatial extent is above 1.
+    """The layer ``layer=None`` picks: the one the model family's adapter names (:mod:`camfn.adapters`, e.g.
+    a Hugging Face ViT's last block's first norm), else the last module output whose spatial extent is above 1.
 
     Example:
         >>> import torchvision, camfn
         >>> camfn.default_layer(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
         'layer4.1.relu_1'
     """
+    from .adapters import defaults
+
     probe = _probe(model, _example(x))
     trace = traced(model, params, probe, tracer=tracer, hooks=hooks, tracer_options=tracer_options)
+    if isinstance(model, nn.Module) and probe is not None:
+        hint = defaults(model, trace.defaults if params is None else params, trace, probe)
+        if hint.layer is not None:
+            return hint.layer
     return trace.qualname[default_node(trace, probe)]
 
 

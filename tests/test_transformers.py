@@ -109,7 +109,7 @@ EXPECTED = {  # what the adapter infers: (layer, prefix tokens or None for chann
     "convnext": ("convnext.encoder.stages.1", None, "logits"),
     "resnet": ("resnet.encoder.stages.1", None, "logits"),
     "clip_vision": ("vision_model.encoder.layers.1.layer_norm1", 1, "image_embeds"),
-    "segformer": ("segformer.stages.1.layer_norm", 0, "logits"),
+    "segformer": ("segformer.stages.1", None, "logits"),
     "detr": ("model.backbone.model.encoder.stages.1", None, "logits"),
 }
 
@@ -154,6 +154,7 @@ def test_no_option_map_and_model_untouched(models, x, name):
     assert maps.shape == (2, SIZE, SIZE) and torch.isfinite(maps).all()
     assert float(maps.amax()) == pytest.approx(1.0) and float(maps.std()) > 0  # a real, non-flat map
     layer, prefix, output = EXPECTED[name]
+    assert camfn.default_layer(model, x) == layer
     layout = None if prefix is None else camfn.layout.Tokens(prefix=prefix)
     explicit = camfn.gradcam(
         model, camfn.params(model), x, layer, _target(name), layout=layout, output=output, tracer="export"

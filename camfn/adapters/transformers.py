@@ -4,10 +4,10 @@ Imported by :mod:`camfn.adapters` only when a model of the ``transformers`` pack
 Inferred from the traced model and its config, never from a table of class names:
 
 =========================  ====================================================================================
-``layer``                  CNNs and CNN backbones (ResNet, ConvNeXt, DETR): the last element of ``stages`` when
-                           it gives channel-first maps; ViT-likes with prefix tokens (ViT, DeiT, BEiT, Dinov2,
-                           CLIP): the last block's first norm; token models without prefix tokens (Swin,
-                           Segformer): the last hidden state (the last norm); else camfn's generic default
+``layer``                  models with ``stages`` giving channel-first maps (ResNet, ConvNeXt, Segformer, DETR's
+                           backbone): the last stage; ViT-likes with prefix tokens (ViT, DeiT, BEiT, Dinov2,
+                           CLIP): the last block's first norm; token models without prefix tokens (Swin): the
+                           last hidden state (the last norm); else camfn's generic default
 ``layout``                 ``Tokens(prefix=p)`` for ``(B, N, D)`` layers, with ``p = N - (H / P)(W / P)`` from
                            the config's patch size ``P`` (CLS, distillation and register tokens)
 ``output``                 the first output field of ``logits``, ``logits_per_image``, ``image_embeds``,
