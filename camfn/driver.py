@@ -64,7 +64,7 @@ __all__ = ["REGISTRY", "Layer", "Maps", "Spec", "explain", "method", "weighted"]
 
 Maps = Tensor | list[Tensor]
 Layers = LayerName | Sequence[LayerName] | None
-Needs = Literal["activations", "forward", "gradients", "cut"]
+Needs = Literal["activations", "forward", "gradients", "cut", "composite"]
 
 REGISTRY: dict[str, Callable[..., Maps]] = {}
 """Every registered method by name (``camfn.METHODS``), in registration order."""
@@ -80,6 +80,7 @@ class Spec:
     options: Mapping[str, Option]
     eigen: bool = False  # always reduce by the first principal component (eigencam, eigengradcam)
     fixed_target: bool = True  # target=None is the clean top-1 class (False: the method ignores targets)
+    requires: str | None = None  # what the model must have beyond a spatial layer ("attention": a transformer)
 
 
 # ---------------------------------------------------------------------------------------- per call
@@ -515,6 +516,8 @@ def _check_maps(call: _Call, maps: Tensor, bad_input: list[int], opts: dict) -> 
 def _check_dependence(call: _Call, grads: tuple[Tensor, ...]) -> None:
     """A callable target whose score does not depend on the layer (detached, or computed from a copy)."""
     for g in grads:
+        if not concrete(g):
+            return
         flat = (g.reshape(g.shape[0], -1) == 0).all(1)
         if bool(flat.all()):
             raise TargetError(
@@ -570,7 +573,7 @@ def _augmented(
 
 
 # ---------------------------------------------------------------------------------------- registry
-def _signature(public: Callable[..., Maps], spec: Spec) -> inspect.Signature:
+def signature(public: Callable[..., Maps], spec: Spec) -> inspect.Signature:
     """The public signature, with the method's extra options as keyword-only parameters and defaults."""
     base = inspect.signature(public)
     params = [p for p in base.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -605,7 +608,7 @@ def method(
         public.__name__ = public.__qualname__ = spec.name
         public.__module__, public.__doc__ = fn.__module__, fn.__doc__
         public.spec = spec  # type: ignore[attr-defined]
-        public.__signature__ = _signature(public, spec)  # type: ignore[attr-defined]
+        public.__signature__ = signature(public, spec)  # type: ignore[attr-defined]
         REGISTRY[spec.name] = public
         return public
 

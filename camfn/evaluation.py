@@ -82,7 +82,7 @@ from .tracing import params as params_of
 
 __all__ = ["BOX_METRICS", "DEFAULT_METRICS", "MODEL_METRICS", "Item", "evaluate", "item", "shard_ranges"]
 
-MODEL_METRICS = tuple(n for n, m in _metrics.METRICS.items() if not m.needs & {"boxes", "method"})
+MODEL_METRICS = tuple(n for n, m in _metrics.METRICS.items() if "boxes" not in m.needs)
 """Metrics of the maps and the model (curves report their AUC), from :data:`camfn.metrics.METRICS`."""
 
 BOX_METRICS = tuple(n for n, m in _metrics.METRICS.items() if "boxes" in m.needs)
@@ -465,9 +465,12 @@ def _score(
     boxes: Tensor | None,
     options: Mapping[str, Any],
     hooks: HookPolicy,
+    explainer: tuple[Callable[..., Tensor], Any],
 ) -> Tensor:
-    """Per-sample values ``(B,)`` float64 of metric ``name``."""
+    """Per-sample values ``(B,)`` float64 of metric ``name``; ``explainer``: the method (options bound), its layer."""
+    method, layer = explainer
     inputs = {"model": model, "params": params, "x": x, "maps": maps, "target": cls, "boxes": boxes, "hooks": hooks}
+    inputs.update(method=method, layer=layer)
     return _metrics.compute(name, inputs, **options)
 
 
@@ -511,7 +514,7 @@ def _finite(t: Tensor) -> Tensor:
 
 
 def _shard(
-    run: Callable[[Tensor, Tensor], Tensor],
+    explainer: tuple[Callable[..., Tensor], Any],
     model: nn.Module,
     params: Params,
     dataset: Any,
@@ -547,7 +550,8 @@ def _shard(
         if keep.numel():
             xs, bs = x[keep], boxes[keep] if boxes is not None else None
             cs = _classes(logits[keep], labels[keep] if labels is not None else None, target)
-            ms = run(xs, cs).detach()
+            method, layer = explainer
+            ms = method(model, params, xs, layer, cs).detach()
             if ms.shape != (xs.shape[0], *x.shape[2:]):
                 raise OptionError(
                     f"the method returned maps of shape {tuple(ms.shape)}; evaluation needs one map per sample at the "
@@ -556,7 +560,7 @@ def _shard(
             cls[keep], m[keep] = cs, ms.to(m.dtype)
             good = _finite(ms).cpu()
             for n in names:
-                v = _score(n, model, params, xs, ms, cs, bs, options.get(n, {}), hooks).cpu()
+                v = _score(n, model, params, xs, ms, cs, bs, options.get(n, {}), hooks, explainer).cpu()
                 scores[n][keep.cpu()] = v
                 good &= torch.isfinite(v)
             ok[keep] = good.to(ok.device)
@@ -708,8 +712,8 @@ def evaluate(
                 "pass another out_dir, or delete it to start over"
             )
 
-    def run(x: Tensor, cls: Tensor) -> Tensor:
-        return fn(model, params, x, layer, cls, hooks=hooks, **method_options)
+    def method(m: nn.Module, p: Params, x: Tensor, where: Any, cls: Any, **more: Any) -> Tensor:
+        return fn(m, p, x, where, cls, **{"hooks": hooks, **method_options, **more})
 
     ranges = shard_ranges(length, shard_size)
     with _group(device) as group:
@@ -731,7 +735,9 @@ def evaluate(
             path, indices = _shard_path(out, i), ranges[i]
             shard = _finished(path, key, indices, lambda r=indices: _items_digest(dataset, r), active, warn)
             if shard is None:
-                shard = _shard(run, model, params, dataset, indices, batch_size, target, active, options, device, hooks)
+                shard = _shard(
+                    (method, layer), model, params, dataset, indices, batch_size, target, active, options, device, hooks
+                )
                 shard.update(maps=shard["maps"].to(maps_dtype), indices=torch.tensor(list(indices)), key=key)
                 items = shard["items"]
                 data = _saved(shard)

@@ -700,7 +700,7 @@ def _dynamic_batch(exported: Any, batch: int) -> bool:
     its output (a per-sample list such as ``[dict(...) for row in out]`` fixes the count of items)."""
 
     def per_sample(spec: Any) -> bool:
-        children = getattr(spec, "children_specs", [])
+        children = spec.children() if hasattr(spec, "children") else getattr(spec, "children_specs", [])
         if spec.type in (list, tuple) and len(children) == batch:
             return True
         return any(per_sample(c) for c in children)
@@ -816,7 +816,16 @@ def _function(fn: Callable[[Params, Tensor], Any], example: Params, x: Tensor, b
 
 
 def _node_names(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
-    return {n.name: n.name for n in gm.graph.nodes if n.op == "call_function"}
+    """A model_fn's layer names: the op of each node, numbered when repeated (``relu``, ``relu_1``...)."""
+    used: dict[str, int] = {}
+    names = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            op = _op_name(n)
+            k = used.get(op, 0)
+            used[op] = k + 1
+            names[n.name] = op if k == 0 else f"{op}_{k}"
+    return names
 
 
 # ---------------------------------------------------------------------------------------- selection

@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+import camfn
+
 
 class GapNet(nn.Module):
     """conv -> bn -> relu -> conv -> relu -> global average pool -> linear: CAM applies exactly."""
@@ -51,6 +53,10 @@ class Residual(nn.Module):
         h = self.stem(x)
         h = self.relu(self.conv(h) + h)
         return self.head(h.mean((2, 3)))
+
+
+CNN_METHODS = {n: m for n, m in camfn.METHODS.items() if m.spec.requires is None}
+"""Every method that explains any spatial layer (legrad needs attention blocks: tested on ViTs)."""
 
 
 def image(batch: int, size: int, seed: int = 0) -> torch.Tensor:

@@ -142,10 +142,11 @@ def test_method_all_writes_one_grid(files, tmp_path, capsys):
     assert written == ["methods.png"]  # one picture for every method and both images
     # cam needs an nn.Linear after the layer; the exported graph has aten.linear: skipped with a note
     assert "note: cam skipped: cam needs" in err
-    assert f"{len(camfn.METHODS) - 1} methods x 2 image(s)" in out
+    shown = [n for n, m in camfn.METHODS.items() if n != "cam" and m.spec.requires is None]  # legrad: no attention
+    assert f"{len(shown)} methods x 2 image(s)" in out
     width, height = Image.open(tmp_path / "all" / "methods.png").size
     # 40 x 24 images scaled 4x to reach 128 px cells; columns: the image and every method but cam; 4 px gaps
-    assert width == 4 + len(camfn.METHODS) * (160 + 4)
+    assert width == 4 + (len(shown) + 1) * (160 + 4)
     assert height > 2 * 96
 
 
@@ -195,7 +196,7 @@ BAD = [
     (["explain", "{missing}"], "image not found"),
     (["explain", "{broken}"], "cannot read image"),
     (["explain", "{dir}"], "is a folder"),
-    (["explain", "{photo}", "--model", "{pt2}", "--layer", "conv2d_defualt"], "Nearest names: conv2d_default"),
+    (["explain", "{photo}", "--model", "{pt2}", "--layer", "conv2d_defualt"], "nearest names: conv2d_default"),
     (["explain", "{photo}", "--method", "gradcamm"], "did you mean 'gradcam'"),
     (["explain", "{photo}", "--method", ","], "--method is empty"),
     (["explain", "{photo}", "--model", "resnet81"], "Nearest names: resnet18"),

@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import GapNet
+from conftest import CNN_METHODS, GapNet
 
 import camfn
 
@@ -51,7 +51,7 @@ def _converted(net: torch.nn.Module, dtype: torch.dtype, device: str = "cpu") ->
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("name", sorted(camfn.METHODS))
+@pytest.mark.parametrize("name", sorted(CNN_METHODS))
 def test_half_precision_on_cpu_follows_the_input_dtype(name, dtype, net, x):
     method, layer = camfn.METHODS[name], _layer(name)
     reference = method(net, camfn.params(net), x, layer, 1, **_options(method))

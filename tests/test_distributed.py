@@ -377,3 +377,20 @@ def test_cli_eval_reports_a_repaired_shard_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("does not match its checksum") == 1 and err.startswith("warning: ")  # shown despite -q
     assert (tmp_path / "report.json").read_bytes() == first
+
+
+def test_evaluate_computes_metrics_that_rerun_the_method(tmp_path):
+    """Every registry metric is available to camfn eval, also those that call the method again."""
+    from camfn import evaluation, metrics, shapes
+
+    assert set(evaluation.MODEL_METRICS) | set(evaluation.BOX_METRICS) == set(metrics.METRICS)
+    model, batch = shapes.load(), shapes.make(4, size=32, seed=3)
+    data = list(zip(batch.images, batch.labels, strict=True))
+    report = camfn.evaluate(
+        "gradcam", model, data, shapes.LAYER, out_dir=tmp_path / "run", metrics=["max_sensitivity"],
+        metric_options={"max_sensitivity": {"samples": 2}}, shard_size=4, batch_size=4,
+    )  # fmt: skip
+    direct = metrics.max_sensitivity(
+        camfn.gradcam, model, camfn.params(model), batch.images, shapes.LAYER, batch.labels, samples=2
+    )
+    assert abs(report["metrics"]["max_sensitivity"]["mean"] - float(direct.double().mean())) < 1e-4

@@ -17,12 +17,12 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import image
+from conftest import CNN_METHODS, image
 from torch import nn
 
 import camfn
 
-EXTRA = {"n": 2, "fc": "fc"}  # fc: the classifier for cam (these forwards scale or shift the logits)
+EXTRA = {"n": 2, "fc": "fc", "num_scales": 2}  # fc: the classifier for cam (these forwards scale or shift the logits)
 
 
 def _options(name: str) -> dict:
@@ -99,7 +99,7 @@ def _run_threads(fn, items: list) -> list:
     return results
 
 
-@pytest.mark.parametrize("name", list(camfn.METHODS))
+@pytest.mark.parametrize("name", list(CNN_METHODS))
 def test_threads_equal_sequential_bit_for_bit(model: Net, name: str) -> None:
     method, x, sets = camfn.METHODS[name], image(2, 12, seed=3), _param_sets(4)
     sequential = [method(model, p, x, "block", 2, **_options(name)) for p in sets]
@@ -110,7 +110,7 @@ def test_threads_equal_sequential_bit_for_bit(model: Net, name: str) -> None:
     torch.testing.assert_close(camfn.apply(model, camfn.params(model), x), model(x), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", list(camfn.METHODS))
+@pytest.mark.parametrize("name", list(CNN_METHODS))
 def test_compiled_threads_equal_sequential(model: Net, name: str) -> None:
     x, sets = image(2, 12, seed=4), _param_sets(4)
     fast = camfn.compiled(camfn.METHODS[name], model, "block", backend="eager", **_options(name))
@@ -205,7 +205,7 @@ def _reference(net: Writes, x: torch.Tensor) -> torch.Tensor:
     return F.relu((g.mean((2, 3), keepdim=True) * a).sum(1)).detach()
 
 
-@pytest.mark.parametrize("name", list(camfn.METHODS))
+@pytest.mark.parametrize("name", list(CNN_METHODS))
 def test_writes_inside_the_forward_stay_inside_camfn(name: str) -> None:
     torch.manual_seed(0)
     net = Writes().double().eval()
@@ -244,7 +244,7 @@ def test_model_fn_equals_the_module_for_every_method(model: Net) -> None:
     p, x = camfn.params(model), image(2, 12, seed=7)
     names = [i.name for i in camfn.layers(fn, x, params=p)]
     node = [n for n in names if n.startswith("relu")][-1]  # the block's last ReLU
-    for name, method in camfn.METHODS.items():
+    for name, method in CNN_METHODS.items():
         if name == "cam":  # needs a module classifier after the layer
             continue
         ours = method(fn, p, x, node, 2, **_options(name))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from conftest import GapNet, double_gapnet, image
+from conftest import CNN_METHODS, GapNet, double_gapnet, image
 from torch import nn
 
 import camfn
@@ -378,7 +378,7 @@ CASES = [
 ]
 
 # every method on the three commonest mistakes
-for _name in camfn.METHODS:
+for _name in CNN_METHODS:
     _m = camfn.METHODS[_name]
     CASES += [
         Case(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import GapNet
+from conftest import CNN_METHODS, GapNet
 from torch import nn
 
 import camfn
@@ -60,7 +60,7 @@ def test_size_relu_normalize_options(resnet18: nn.Module) -> None:
 def test_maps_follow_input_dtype() -> None:
     model = GapNet().double().eval()
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    for fn in camfn.METHODS.values():
+    for fn in CNN_METHODS.values():
         assert fn(model, camfn.params(model), x, "act", 0).dtype == torch.float64
 
 
@@ -69,7 +69,7 @@ def test_top1_target_by_default() -> None:
     model = GapNet().eval()
     p, x = camfn.params(model), torch.randn(3, 3, 8, 8)
     top = model(x).argmax(1)
-    for method, fn in camfn.METHODS.items():
+    for method, fn in CNN_METHODS.items():
         kw = {"n": 2} if method in ("sscam", "iscam", "smooth_gradcampp") else {}
         default = fn(model, p, x, "act", **kw)
         assert default.shape == (3, 8, 8), method

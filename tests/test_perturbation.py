@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import GapNet, double_gapnet, image, randomize_bn
+from conftest import CNN_METHODS, GapNet, double_gapnet, image, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
@@ -225,7 +225,7 @@ def test_progress_bar_is_opt_in(net: GapNet, capsys: pytest.CaptureFixture[str])
 
 
 # ------------------------------------------------------------------------------------- smoothing
-@pytest.mark.parametrize("method", sorted(camfn.METHODS))
+@pytest.mark.parametrize("method", sorted(CNN_METHODS))
 def test_aug_smooth_is_the_average_of_six_views(net: GapNet, method: str) -> None:
     x, c = _image(2, 8, seed=9), torch.tensor([1, 3])
     fn, p, kw = camfn.METHODS[method], camfn.params(net), SMALL.get(method, {})

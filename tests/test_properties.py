@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GapNet, Residual, double_gapnet, image, randomize_bn
+from conftest import CNN_METHODS, GapNet, Residual, double_gapnet, image, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import grad, stack_module_state, vmap
@@ -13,7 +13,7 @@ from torch.func import grad, stack_module_state, vmap
 import camfn
 
 GRADIENT = ["gradcam", "gradcampp", "xgradcam", "layercam", "hirescam", "gradcam_elementwise", "eigengradcam"]
-ALL = sorted(camfn.METHODS)
+ALL = sorted(CNN_METHODS)
 SETTINGS = settings(max_examples=12, deadline=None, derandomize=True)
 
 

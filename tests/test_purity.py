@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import GapNet, randomize_bn
+from conftest import CNN_METHODS, GapNet, randomize_bn
 from torch import nn
 from torch.nn.utils import prune
 
@@ -38,7 +38,7 @@ def _assert_same(before: dict, after: dict) -> None:
         assert before[key] == after[key], key
 
 
-@pytest.mark.parametrize("method", sorted(camfn.METHODS))
+@pytest.mark.parametrize("method", sorted(CNN_METHODS))
 def test_model_untouched_by_every_method(method: str) -> None:
     torch.manual_seed(0)
     model = randomize_bn(GapNet()).eval()

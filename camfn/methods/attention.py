@@ -270,7 +270,7 @@ def _prefix(value: Any, name: str) -> int | None:
     raise OptionError(f"{name}={value!r}: use None (the model's num_prefix_tokens, else 1) or an int >= 0")
 
 
-@composite({"pool": Option("mean", choice("mean", "model")), "prefix_tokens": Option(None, _prefix)})
+@composite({"pool": Option("mean", choice("mean", "model")), "prefix_tokens": Option(None, _prefix)}, "attention")
 def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, own: dict, rest: dict) -> Tensor:
     r"""LeGrad (Bousselham et al., 2024): positive gradients of block scores w.r.t. their attention.
 

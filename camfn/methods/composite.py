@@ -8,7 +8,6 @@ The shared options ``relu``, ``size`` and ``normalize`` apply to the composite's
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import defaults
-from ..driver import REGISTRY, Maps
+from ..driver import REGISTRY, Maps, Spec, signature
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
 from ..postprocess import finish, largest, resize
@@ -70,7 +69,9 @@ def _scales(value: Any, name: str) -> tuple[int, ...] | None:
 COMPOSITE: dict[str, Mapping[str, Option]] = {}
 
 
-def composite(options: Mapping[str, Option]) -> Callable[[Callable[..., Maps]], Callable[..., Maps]]:
+def composite(
+    options: Mapping[str, Option], requires: str | None = None
+) -> Callable[[Callable[..., Maps]], Callable[..., Maps]]:
     """Register ``fn(model, params, x, layer, target, own, rest) -> maps`` as a method in ``camfn.METHODS``.
 
     ``own`` holds the validated options of ``options`` (defaults filled in), ``rest`` the other keyword
@@ -90,10 +91,8 @@ def composite(options: Mapping[str, Option]) -> Callable[[Callable[..., Maps]], 
 
         public.__name__ = public.__qualname__ = fn.__name__
         public.__module__, public.__doc__ = fn.__module__, fn.__doc__
-        sig = inspect.signature(public)
-        extras = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=o.default) for k, o in options.items()]
-        kept = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-        public.__signature__ = sig.replace(parameters=[*kept, *extras, sig.parameters["opts"]])  # type: ignore[attr-defined]
+        public.spec = Spec(fn.__name__, fn, "composite", dict(options), requires=requires)  # type: ignore[attr-defined]
+        public.__signature__ = signature(public, public.spec)  # type: ignore[attr-defined]
         REGISTRY[fn.__name__] = public
         return public
 
