@@ -6,20 +6,46 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map_only
 from torchvision.models.feature_extraction import NodePathTracer
 
-__all__ = ["Cut", "CutTracer"]
+__all__ = ["Cut", "CutTracer", "detached_weights"]
+
+
+class _Detached(TorchFunctionMode):
+    """Every ``nn.Parameter`` a torch function receives is passed detached (same storage, no autograd
+    history): a closure's weights stay constants of the differentiated function, so no tensor built
+    from them (HF Swin's and BEiT's attention masks) requires grad, and the user's modules are not touched."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        args, kwargs = tree_map_only(nn.Parameter, torch.Tensor.detach, (args, kwargs or {}))
+        return func(*args, **kwargs)
+
+
+def detached_weights() -> TorchFunctionMode:
+    """A context in which closed-over ``nn.Parameter`` s are used detached (see :class:`_Detached`).
+
+    Example:
+        >>> lin = torch.nn.Linear(2, 1)
+        >>> with detached_weights():
+        ...     y = lin(torch.ones(1, 2))
+        >>> y.requires_grad, lin.weight.requires_grad
+        (False, True)
+    """
+    return _Detached()
 
 
 class _Function(nn.Module):
-    """A plain callable as a module (no parameters of its own: it closes over whatever it uses)."""
+    """A plain callable as a module (no parameters of its own: it closes over whatever it uses, detached)."""
 
     def __init__(self, fn: Any) -> None:
         super().__init__()
         self.fn = fn
 
     def forward(self, *args: Any) -> Any:
-        return self.fn(*args)
+        with detached_weights():
+            return self.fn(*args)
 
 
 class Cut(nn.Module):
@@ -31,8 +57,10 @@ class Cut(nn.Module):
     .. math:: G = \frac{\partial S(\mathrm{tail}(A))}{\partial A}\Big|_{A = \mathrm{head}(x)}
 
     ``head`` and ``tail`` are modules or plain callables (closures over the user's modules: their
-    parameters are then read from those modules, not from ``params``). With ``tail_takes_input=True``
-    the tail is called as ``tail(A, x)`` (detection models need the images after the backbone).
+    parameters are then read from those modules, not from ``params``, and used detached, so the head
+    runs as a constant of the differentiated function and nothing built from the weights requires grad).
+    With ``tail_takes_input=True`` the tail is called as ``tail(A, x)`` (detection models need the images
+    after the backbone).
     ``autograd_tail=True`` differentiates the tail with plain ``torch.autograd`` instead of
     ``torch.func`` (for ops without functorch support, such as torchvision's ``roi_align`` in detection
     heads); the tail must then return a tensor and the target one score per sample.
@@ -79,7 +107,7 @@ class _AutogradTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (a,) = ctx.saved_tensors
-        with torch.enable_grad():
+        with torch.enable_grad(), detached_weights():
             leaf = a.detach().requires_grad_(True)
             rest = [r.detach() if isinstance(r, torch.Tensor) else r for r in ctx.rest]
             (g,) = torch.autograd.grad(ctx.fn(leaf, *rest), leaf, grad, allow_unused=True)

@@ -43,12 +43,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
+from .adapters import Defaults, defaults
 from .checks import check_input, check_params
 from .chunks import chunked, copies_per_forward
 from .errors import InputError, LayerError, OptionError, TargetError
 from .inference import bind
 from .layer_names import Layer as LayerName
-from .layer_names import layer_names, resolve_layers, spatial
+from .layer_names import layer_names, resolve_layers, spatial, token_layer
 from .layout import layout_fn, patch_gradient_vanishes, prefix_of, pull_back
 from .options import Option, validate
 from .postprocess import finish, first_component, normalize
@@ -360,14 +361,19 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
         model_kwargs=opts["model_kwargs"],
     )
     check_params(params, trace, x)
+    layer, target, hint = _adapted(model, params, trace, x, layer, target, opts, spec)
     if opts["aug_smooth"]:
         return _augmented(spec, model, params, x, layer, target, opts, trace)
     if layer is None and opts["layout"] is not None:
+        tokens = token_layer(trace, x)
         raise LayerError(
             f"layout={opts['layout']!r} needs an explicit layer (the default layer is chosen for (B, K, h, w) "
-            "maps); for a ViT pass e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1' (the last block's first norm)"
+            "maps); for a ViT pass the last block's first norm, "
+            + (f"here layer={tokens!r}" if tokens else "e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1'")
         )
     trace, nodes, single = _resolve(trace, model, params, layer, x, opts)
+    if opts["layout"] is None and hint.layout is not None and all(_tokens_layer(trace, n, x) for n in nodes):
+        opts["layout"] = hint.layout
     for node in nodes:
         _check_spatial(trace, node, x, opts)
     size = opts["size"]
@@ -421,6 +427,25 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
     if squeeze:
         maps = [m.squeeze(1) for m in maps]
     return maps[0] if single else maps
+
+
+def _adapted(
+    model: Model, params: Params, trace: Traced, x: Tensor, layer: Layers, target: Target, opts: dict, spec: Spec
+) -> tuple[Layers, Target, Defaults]:
+    """``layer``, ``target`` and ``opts["output"]`` filled from the model family's adapter where unset."""
+    hint = defaults(model, params, trace, x) if isinstance(model, nn.Module) else Defaults()
+    if opts["output"] is None and hint.output is not None:
+        opts["output"] = hint.output
+    if target is None and hint.target is not None and spec.fixed_target:
+        target = hint.target
+    if layer is None and hint.layer is not None:
+        layer = hint.layer
+    return layer, target, hint
+
+
+def _tokens_layer(trace: Traced, node: str, x: Tensor) -> bool:
+    info = trace.node_shapes(x)[node]
+    return info is not None and len(info[0]) == 3 and x.ndim == 4
 
 
 def _resolve(

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
+import torch.fx as fx
 from torch import Tensor, nn
 
 from .cut import Cut
@@ -24,7 +25,17 @@ from .errors import InputError, LayerError
 from .hooks import HookPolicy
 from .tracing import Model, Params, Traced, layer_list, traced
 
-__all__ = ["Layer", "LayerInfo", "default_layer", "layers", "resolve_layers", "spatial"]
+__all__ = [
+    "Layer",
+    "LayerInfo",
+    "channel_first",
+    "default_layer",
+    "input_nodes",
+    "layers",
+    "resolve_layers",
+    "spatial",
+    "token_layer",
+]
 
 Layer = str | nn.Module
 
@@ -76,22 +87,90 @@ def spatial(shape: tuple[int, ...] | None) -> bool:
 def default_node(trace: Traced, x: Tensor) -> str:
     """The last module output of shape ``(B, K, h, w, ...)`` with ``h * w > 1`` (as torchcam chooses).
 
-    Under ``torch.export`` only nodes that end a module call count (never an internal view of an attention
-    block), and channels-last outputs ``(B, h, w, C)`` are skipped.
+    Only nodes computed from the input ``x`` count (never a position bias built from weights alone), only
+    channel-first outputs (every spatial extent the input's divided by one common stride, so a
+    channels-last ``(B, h, w, C)`` output is skipped), and under ``torch.export`` only nodes that end a
+    module call (never an internal view of an attention block).
     """
     shapes = trace.node_shapes(x)
+    live = input_nodes(trace)
     for node in reversed(list(trace.qualname)):
         info = shapes.get(node)
-        if info is None or not spatial(tuple(info[0])) or len(info[0]) != x.ndim:
+        if info is None or not spatial(tuple(info[0])) or len(info[0]) != x.ndim or node not in live:
+            continue
+        if not channel_first(tuple(info[0]), tuple(x.shape)):
             continue
         if trace.tracer == "export" and not _module_output(trace, node):
             continue
         return node
+    tokens = token_layer(trace, x)
+    hint = (
+        f"for this transformer pass layer={tokens!r}, layout='tokens' (the last block's first norm)"
+        if tokens
+        else "for transformer tokens pass a layer and layout='tokens'"
+    )
     raise LayerError(
         "no layer of this model has a spatial output (B, K, h, w) with h * w > 1 for an input of shape "
-        f"{tuple(x.shape)}; pass layer= explicitly (camfn.layers(model, x) lists the candidates; for "
-        "transformer tokens pass a layer and layout='tokens')"
+        f"{tuple(x.shape)}; pass layer= explicitly (camfn.layers(model, x) lists the candidates; {hint})"
     )
+
+
+def channel_first(shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
+    """True when ``shape`` ``(B, K, *s)`` reads as channels first for an input ``(B, C, *S)``: the
+    strides ``S_i / s_i`` agree within a factor 1.5 (rounding of odd sizes), unlike a channels-last
+    ``(B, h, w, C)`` read as ``K = h``.
+
+    Example:
+        >>> channel_first((1, 32, 8, 8), (1, 3, 64, 64)), channel_first((1, 8, 8, 32), (1, 3, 64, 64))
+        (True, False)
+    """
+    ratios = [big / small for big, small in zip(x_shape[2:], shape[2:], strict=True) if small > 0]
+    return bool(ratios) and max(ratios) <= 1.5 * min(ratios)
+
+
+def input_nodes(trace: Traced) -> set[str]:
+    """Names of the nodes computed from the first input ``x`` (not from weights or other inputs alone)."""
+    graph = trace.module.graph
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    live: set[fx.Node] = set()
+    for n in graph.nodes:
+        if n is first or any(a in live for a in n.all_input_nodes):
+            live.add(n)
+    return {n.name for n in live}
+
+
+def _is_norm(trace: Traced, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return "norm" in type(trace.module.get_submodule(node.target)).__name__.lower()
+    return "norm" in str(node.target).lower()
+
+
+def token_layer(trace: Traced, x: Tensor) -> str | None:
+    """The last transformer block's first norm: the layer to explain a ViT-like model at.
+
+    Among module outputs computed from ``x`` that are norms with ``(B, N, D)`` outputs, grouped by parent
+    module, the first norm of the last parent holding two or more (``norm1``/``norm2``, ``ln_1``/``ln_2``,
+    ``layernorm_before``/``layernorm_after``). ``None`` when the model has no such blocks.
+
+    Example:
+        >>> import torch, torchvision
+        >>> from camfn.tracing import traced
+        >>> vit = torchvision.models.VisionTransformer(32, 16, 2, 2, 16, 32).eval()
+        >>> token_layer(traced(vit, None, torch.zeros(1, 3, 32, 32)), torch.zeros(1, 3, 32, 32))
+        'encoder.layers.encoder_layer_1.ln_1'
+    """
+    shapes, live = trace.node_shapes(x), input_nodes(trace)
+    nodes = {n.name: n for n in trace.module.graph.nodes}
+    blocks: dict[str, list[str]] = {}
+    for node, name in trace.qualname.items():
+        info = shapes.get(node)
+        if info is None or len(info[0]) != 3 or node not in live or not _is_norm(trace, nodes[node]):
+            continue
+        if trace.tracer == "export" and not _module_output(trace, node):
+            continue
+        blocks.setdefault(name.rsplit(".", 1)[0] if "." in name else "", []).append(name)
+    found = [names[0] for names in blocks.values() if len(names) >= 2]
+    return found[-1] if found else None
 
 
 def _module_output(trace: Traced, node: str) -> bool:
@@ -130,15 +209,22 @@ def default_layer(
     tracer_options: dict[str, Any] | None = None,
     tracer: str = "auto",
 ) -> str:
-    """The layer ``layer=None`` picks: the last module output whose spatial extent is above 1.
+    """The layer ``layer=None`` picks: the one the model family's adapter names (:mod:`camfn.adapters`, e.g.
+    a Hugging Face ViT's last block's first norm), else the last module output whose spatial extent is above 1.
 
     Example:
         >>> import torchvision, camfn
         >>> camfn.default_layer(torchvision.models.resnet18().eval(), (1, 3, 64, 64))
         'layer4.1.relu_1'
     """
+    from .adapters import defaults
+
     probe = _probe(model, _example(x))
     trace = traced(model, params, probe, tracer=tracer, hooks=hooks, tracer_options=tracer_options)
+    if isinstance(model, nn.Module) and probe is not None:
+        hint = defaults(model, trace.defaults if params is None else params, trace, probe)
+        if hint.layer is not None:
+            return hint.layer
     return trace.qualname[default_node(trace, probe)]
 
 

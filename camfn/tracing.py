@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import threading
 import warnings
 import weakref
@@ -428,6 +429,9 @@ def _fx(model: nn.Module, hooks: HookPolicy, tracer_options: dict[str, Any] | No
             "  3. camfn.Cut(head, tail): explain model=camfn.Cut(head, tail) at layer='head', with head(x) -> A "
             "and tail(A) -> output written by you (works for any model)."
         ) from err
+    key = _dict_key(graph)
+    if key is not None:
+        raise InputError(dict_input_message(model, key))
     module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     qualname = _module_paths(
         {n: q for n, q in tracer.node_to_qualname.items() if n.op not in ("placeholder", "get_attr")}
@@ -526,23 +530,80 @@ def _export_names(gm: fx.GraphModule, model: nn.Module) -> dict[str, str]:
     return names
 
 
+def dict_input_message(model: nn.Module, key: str | None) -> str:
+    """The error for a model whose forward takes a dict (or another container) instead of a tensor."""
+    key = key or "<key>"
+    name = type(model).__name__
+    return (
+        f"{name}.forward takes a dict (it reads x[{key!r}]), but camfn explains a function of one tensor x. "
+        "Wrap it (3 lines) and explain the wrapper:\n"
+        "    class ImageOnly(torch.nn.Module):\n"
+        "        def __init__(self, model): super().__init__(); self.model = model\n"
+        f"        def forward(self, x): return self.model({{{key!r}: x}})\n"
+        "then camfn.gradcam(ImageOnly(model), camfn.params(ImageOnly(model)), x, ...) (layer names gain 'model.')"
+    )
+
+
+def _dict_key(graph: fx.Graph) -> str | None:
+    """The key a traced forward reads from its first input as a dict (``x["image"]``), if any."""
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    for user in first.users if first is not None else ():
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], str):
+            return user.args[1]
+        if user.op == "call_method" and user.target in ("get", "keys", "items", "values"):
+            return user.args[1] if len(user.args) > 1 and isinstance(user.args[1], str) else None
+    return None
+
+
 def _export_message(err: BaseException, model: nn.Module, x: Tensor) -> str:
-    text = f"{type(err).__name__}: {str(err)[:1500]}"
-    if isinstance(err, AttributeError | TypeError) and "NoneType" in str(err):
-        why = (
-            "the forward read an input that was not given (None): pass the model's other inputs with "
-            "model_kwargs={...} (e.g. CLIPModel's input_ids), or wrap the model so it takes one tensor"
+    """Why ``torch.export`` failed, from the exception and the line that raised it, and what to do."""
+    import inspect
+    import re
+
+    text, where = f"{type(err).__name__}: {str(err)[:1500]}", _where(err)
+    message = str(err).lower()
+    accepted = inspect.signature(type(model).forward).parameters
+    key = re.search(r"\[\s*['\"]([^'\"]+)['\"]\s*\]", where)
+    if isinstance(err, IndexError | TypeError | KeyError) and key and ("indic" in message or "str" in message):
+        return f"torch.export could not trace {type(model).__name__}: {text}{where}\n" + dict_input_message(
+            model, key.group(1)
         )
-    elif isinstance(err, ValueError | AssertionError | RuntimeError) and "shape" in str(err).lower():
-        why = f"the model refused an input of shape {tuple(x.shape)}: check the input size and channels it expects"
-    elif "data-dependent" in str(err).lower() or "guard" in str(err).lower():
+    missing = [n for n in accepted if n not in ("self", "pixel_values") and re.search(rf"\b{n}\b", str(err))]
+    if "data-dependent" in message or "guard" in message:
         why = (
             "data-dependent Python control flow (an `if` on tensor values) defeats both tracers: mark that "
             "submodule as a leaf (tracer_options={'leaf_modules': [TheirClass]}) or explain camfn.Cut(head, tail)"
         )
+    elif isinstance(err, ValueError | TypeError) and missing:
+        why = (
+            f"{type(model).__name__} needs the input {missing[0]!r} besides the image: pass it with "
+            f"model_kwargs={{{missing[0]!r}: ...}} (fixed for every call, e.g. CLIPModel's tokenized texts)"
+        )
+    elif isinstance(err, AttributeError | TypeError) and "nonetype" in message:
+        extra = [n for n, p in accepted.items() if p.default is None and n != "pixel_values"][:4]
+        inputs = f"{type(model).__name__}.forward also takes {', '.join(extra)}; " if extra else ""
+        example = next((n for n in extra if n.endswith("input_ids")), extra[0] if extra else "name")
+        why = (
+            f"the forward read an input that was not given (None): {inputs}pass the ones it needs with "
+            f"model_kwargs={{{example!r}: ...}} (fixed for every call), or wrap the model so it takes one tensor"
+        )
+    elif isinstance(err, ValueError | AssertionError) and "/torch/" not in where:
+        interpolate = (
+            "; or let it interpolate its position embeddings: model_kwargs={'interpolate_pos_encoding': True}"
+            if "interpolate_pos_encoding" in accepted
+            else ""
+        )
+        why = (
+            f"the model itself refused the input of shape {tuple(x.shape)} (its message is above): pass an input "
+            f"of the size and channels it was built for{interpolate}"
+        )
+    elif isinstance(err, RuntimeError) and ("shape" in message or "size" in message):
+        why = (
+            f"the model cannot run on an input of shape {tuple(x.shape)}: check the input size and channels it expects"
+        )
     else:
         why = "see the original error above; camfn.Cut(head, tail) explains any model"
-    return f"torch.export could not trace {type(model).__name__}: {text}{_where(err)}\nWhy and what to do: {why}."
+    return f"torch.export could not trace {type(model).__name__}: {text}{where}\nWhy and what to do: {why}."
 
 
 def trace_export(
@@ -571,24 +632,59 @@ def trace_export(
     return result
 
 
+def _bind(copy: nn.Module, model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Make camfn's copy a function of ``x`` alone: ``model(x, **kwargs)``, or ``model(<main input>=x, **kwargs)``
+    for Hugging Face models (CLIPModel's first argument is ``input_ids``, its image is ``pixel_values``).
+    The extra inputs are fixed in the trace; the user's model is not touched (the copy gets an instance ``forward``)."""
+    import inspect
+
+    forward = type(model).forward
+    accepted = inspect.signature(forward).parameters
+    names = ("pixel_values", getattr(model, "main_input_name", None))  # HF image input, else its main input
+    name = next((n for n in names if isinstance(n, str) and n in accepted and n not in kwargs), None)
+
+    def bound(x: Tensor) -> Any:
+        return forward(copy, **{name: x}, **kwargs) if isinstance(name, str) else forward(copy, x, **kwargs)
+
+    object.__setattr__(copy, "forward", bound)
+
+
+def _image_input(model: nn.Module) -> bool:
+    """True when the forward takes the image as ``pixel_values`` but not as its first argument (CLIPModel)."""
+    import inspect
+
+    names = list(inspect.signature(type(model).forward).parameters)[1:]
+    return "pixel_values" in names and names[0] != "pixel_values"
+
+
 def _export(
     model: nn.Module, x: Tensor, hooks: HookPolicy, model_kwargs: dict | None, batch: int | None = None
 ) -> Traced:
-    """Export with a dynamic batch; a model whose code fixes the batch size (a Python loop over samples)
-    is exported again at ``x``'s batch and marked ``Traced.batch`` (its perturbed copies then run per batch)."""
+    """Export with a dynamic batch; a model whose code fixes the batch size (a Python loop over samples, extra
+    inputs tied to the batch such as attention masks) is exported again at ``x``'s batch and marked
+    ``Traced.batch`` (its perturbed copies then run per batch). ``model_kwargs`` are bound into camfn's copy."""
     _check_once(model, hooks)
     copy = skeleton(model, hooks, {})
     kwargs = dict(model_kwargs or {})
-    dynamic = batch is None and not kwargs
+    if kwargs or _image_input(model):
+        _bind(copy, model, kwargs)
+    dynamic = batch is None
     example = torch.zeros((_EXAMPLE_BATCH if dynamic else x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+    exported = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(
-                copy, (example,), kwargs or None, dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
-            )
+            try:
+                exported = torch.export.export(
+                    copy, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},) if dynamic else None
+                )
+            except Exception:
+                if not (dynamic and kwargs):
+                    raise
     except Exception as err:
         raise TraceError(_export_message(err, model, x)) from err
+    if exported is None:  # the extra inputs fix the batch size
+        return _export(model, x, hooks, model_kwargs, batch=x.shape[0])
     if dynamic and not _dynamic_batch(exported, _EXAMPLE_BATCH):
         return _export(model, x, hooks, model_kwargs, batch=x.shape[0])
     result = _from_exported(exported, model, _export_names)

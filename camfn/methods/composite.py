@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from ..adapters import defaults
 from ..driver import REGISTRY, Maps, Spec, signature
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
@@ -120,6 +121,8 @@ def trace_with(model: Model, params: Params, x: Tensor, options: dict[str, Any])
         tracer_options=shared["tracer_options"],
         model_kwargs=shared["model_kwargs"],
     )
+    if shared["output"] is None and isinstance(model, nn.Module):  # the model family's output= (HF: logits)
+        shared["output"] = defaults(model, params, trace, x).output
     return trace, shared
 
 
