@@ -17,52 +17,52 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:  # the benchmarks package lives beside camfn, outside the installed package
     sys.path.insert(0, ROOT)
 
-from benchmarks import race, scaling, speed  # noqa: E402
+from benchmarks import gradcam_detail, scaling, speed  # noqa: E402
 
 
 def test_race_quick_defaults_are_small():
-    args = race.parse(["--quick"])
+    args = speed.parse(["--quick"])
     assert (args.models, args.batches, args.size, args.slow_layer) == (["resnet18"], [1], 112, "layer3")
-    assert [m for m in args.methods if race.BY_NAME[m].slow] == ["scorecam"]
+    assert [m for m in args.methods if speed.BY_NAME[m].slow] == ["scorecam"]
     assert args.markdown is None
 
 
 def test_race_full_defaults_cover_every_method():
-    args = race.parse([])
+    args = speed.parse([])
     assert args.models == ["resnet18", "resnet50"] and args.batches == [1, 8] and args.size == 224
     assert set(args.methods) == set(camfn.METHODS) - {"guided_backprop", "guided_gradcam"}
     assert args.slow_layer == "layer4" and args.slow_batches == [1]
 
 
 @pytest.mark.parametrize(
-    ("argv", "path"), [(["--markdown"], race.RESULTS), (["--quick", "--markdown"], race.RESULTS_QUICK)]
+    ("argv", "path"), [(["--markdown"], speed.RESULTS), (["--quick", "--markdown"], speed.RESULTS_QUICK)]
 )
 def test_race_markdown_default_paths(argv, path):
-    assert race.parse(argv).markdown == path
+    assert speed.parse(argv).markdown == path
 
 
 def test_race_rejects_zero_repeats():
     with pytest.raises(SystemExit):
-        race.parse(["--repeats", "0"])
+        speed.parse(["--repeats", "0"])
 
 
 def test_every_raced_method_exists_in_camfn_and_its_references():
     import pytorch_grad_cam
     import torchcam.methods
 
-    for m in race.METHODS:
+    for m in speed.METHODS:
         assert m.name in camfn.METHODS
         assert m.gradcam is not None or m.torchcam is not None
         assert m.gradcam is None or hasattr(pytorch_grad_cam, m.gradcam), m.gradcam
         assert m.torchcam is None or hasattr(torchcam.methods, m.torchcam), m.torchcam
 
 
-def fake(method: str, times: dict[str, list[float]], peaks: dict[str, float]) -> race.Result:
+def fake(method: str, times: dict[str, list[float]], peaks: dict[str, float]) -> speed.Result:
     contenders = {
-        lib: race.Contender(lib, lambda: None, first=0.5, times=t, cpu=[2 * s for s in t], peaks=[peaks[lib]])
+        lib: speed.Contender(lib, lambda: None, first=0.5, times=t, cpu=[2 * s for s in t], peaks=[peaks[lib]])
         for lib, t in times.items()
     }
-    return race.Result("resnet18", 1, method, "layer4", contenders)
+    return speed.Result("resnet18", 1, method, "layer4", contenders)
 
 
 def test_race_report_speedup_is_faster_reference_over_camfn():
@@ -74,7 +74,7 @@ def test_race_report_speedup_is_faster_reference_over_camfn():
         ),
         fake("cam", {"camfn": [0.2], "torchcam": [0.1]}, {"camfn": 3.0, "torchcam": 4.0}),
     ]
-    text = race.report(results, race.parse(["--quick"]))
+    text = speed.report(results, speed.parse(["--quick"]))
     lines = [line for line in text.splitlines() if line.startswith("| `")]
     assert len(lines) == 2
     assert "2.00x vs torchcam (mins 3.00x, CPU 2.00x)" in lines[0]  # 0.4 / 0.2, 0.3 / 0.1, 0.8 / 0.4
@@ -83,7 +83,7 @@ def test_race_report_speedup_is_faster_reference_over_camfn():
 
 
 def test_race_end_to_end_tiny():
-    text = race.race(["--models", "resnet18", "--methods", "gradcam", "--size", "64", "--repeats", "1"])
+    text = speed.race(["--models", "resnet18", "--methods", "gradcam", "--size", "64", "--repeats", "1"])
     row = next(line for line in text.splitlines() if line.startswith("| `gradcam`"))
     diff = float(row.rstrip(" |").rsplit("|", 1)[1])
     assert diff < 1e-4  # camfn and grad-cam agree on resnet18 in float32 (measured 3.6e-7)
@@ -91,7 +91,7 @@ def test_race_end_to_end_tiny():
 
 
 def test_gradcam_detail_parser_still_reachable():
-    args = speed.parse(["--quick"])
+    args = gradcam_detail.parse(["--quick"])
     assert (args.model, args.batch, args.size) == ("resnet18", 2, 112)
 
 
