@@ -134,3 +134,82 @@ def test_scaling_doctests():
     import doctest
 
     assert doctest.testmod(scaling).failed == 0
+
+
+BENCHMARKS = sorted(p.stem for p in (pathlib.Path(ROOT) / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+def test_benchmark_modules_import_no_benchmark_module_but_common():
+    import ast
+
+    for name in BENCHMARKS:
+        tree = ast.parse((pathlib.Path(ROOT) / "benchmarks" / f"{name}.py").read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {
+            n.module + ("" if n.module != "benchmarks" else "." + a.name)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.ImportFrom) and n.module
+            for a in n.names
+        }
+        ours = {m for m in imported if m.split(".")[0] == "benchmarks"}
+        assert ours <= {"benchmarks.common"}, (name, ours)
+
+
+def test_every_benchmark_module_imports_first_in_a_fresh_process():
+    import subprocess
+
+    code = (
+        "import importlib, sys\n"
+        f"for name in {BENCHMARKS!r}:\n"
+        "    for m in [m for m in sys.modules if m == 'benchmarks' or m.startswith('benchmarks.')]:\n"
+        "        del sys.modules[m]\n"
+        "    importlib.import_module('benchmarks.' + name)\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert {"common", "overhead", "score_sizes", "speed", "gradcam_detail"} <= set(BENCHMARKS)
+
+
+def test_race_methods_follow_camfn_registry_order():
+    order = list(camfn.METHODS)
+    names = [m.name for m in speed.METHODS]
+    assert names == sorted(names, key=order.index)
+    assert {m.name for m in speed.METHODS if m.slow} == {"ablationcam", "scorecam", "sscam", "iscam"}
+    assert {m.name for m in speed.METHODS if m.torchcam_call == "forward"} >= {"cam", "scorecam"}
+
+
+def test_speed_refers_the_gradcam_detail_to_its_script():
+    with pytest.raises(SystemExit):
+        speed.parse(["--gradcam-detail"])
+
+
+def test_overhead_quick_report_has_every_row():
+    from benchmarks import overhead
+
+    text = overhead.main(["--quick"])
+    lines = text.splitlines()
+    cases = [f"{m}, batch 1, {s} px, layer {layer}" for m, s, layer in overhead.QUICK_CASES]
+    goal_rows = [line for line in lines if line.startswith("| ") and any(line.startswith(f"| {c} |") for c in cases)]
+    assert len(goal_rows) == len(cases)
+    assert all(("met" in r or "MISSED" in r or "unclear" in r) for r in goal_rows)
+    for case in cases:
+        start = lines.index(f"### {case}")
+        section = lines[start + 4 : start + 7]  # after the heading, a blank line, the head and the rule
+        assert [r.split(" | ")[0] for r in section] == [
+            f"| {overhead.FORWARD}",
+            f"| {overhead.CAMFN}",
+            f"| {overhead.TORCHCAM}",
+        ]
+        assert all(len(r.split(" | ")) == 7 for r in section)
+    profiled = text[text.index("## Where camfn's per-call time goes") :]
+    assert "`camfn/driver.py:" in profiled and "built-in method" in profiled
+    assert "camfn.gradcam before" not in text  # no --before: no old camfn row
+
+
+def test_common_doctests():
+    import doctest
+
+    from benchmarks import common
+
+    assert doctest.testmod(common).failed == 0
