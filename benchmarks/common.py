@@ -14,6 +14,7 @@ module), so that each script can be read, run and changed on its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import functools
@@ -26,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,15 @@ def write_report(path: str, title: str, text: str) -> None:
     print(f"written to {os.path.relpath(path, ROOT)}", file=sys.stderr)
 
 
+def publish(head: list[str], body: list[str], path: str | None, title: str) -> str:
+    """Print ``body`` (``head`` was printed when the run started); with a ``path``, write both; return both."""
+    text = "\n".join([*head, *body])
+    print("\n".join(body))
+    if path is not None:
+        write_report(path, title, text)
+    return text
+
+
 def fmt(seconds: float | None) -> str:
     """Milliseconds below 10 s, else seconds; ``-`` for no time."""
     if seconds is None:
@@ -196,6 +206,18 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float,
     out = fn()
     sync(device)
     return time.perf_counter() - start, time.process_time() - cpu, out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the block (``None``: unchanged); the old count is restored after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 class Share:

@@ -58,7 +58,17 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks.common import ROOT, Share, Timings, environment, loadavg, maxdiff, report_options, write_report
+from benchmarks.common import (
+    ROOT,
+    Share,
+    Timings,
+    environment,
+    loadavg,
+    maxdiff,
+    publish,
+    report_options,
+    torch_threads,
+)
 
 RESULTS = os.path.join("benchmarks", "results", "overhead.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "overhead-quick.md")
@@ -326,12 +336,8 @@ def main(argv: list[str] | None = None) -> str:
     """Run the benchmark; print (and with ``--markdown``, write) the report; return it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> str:
@@ -370,11 +376,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> str:
         if args.profile_calls:
             body += profile(args)
     body.append(f"- load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s")
-    text = "\n".join([*lines, *body])
-    print("\n".join(body))
-    if args.markdown is not None:
-        write_report(args.markdown, "Per-call overhead of camfn.gradcam at batch 1", text)
-    return text
+    return publish(lines, body, args.markdown, "Per-call overhead of camfn.gradcam at batch 1")
 
 
 if __name__ == "__main__":

@@ -45,11 +45,13 @@ from benchmarks.common import (
     last_module,
     loadavg,
     maxdiff,
+    publish,
     report_options,
     table,
     timed,
-    write_report,
+    torch_threads,
 )
+from camfn.chunks import copies_per_forward
 
 RESULTS = os.path.join("benchmarks", "results", "score-sizes.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "score-sizes-quick.md")
@@ -150,10 +152,7 @@ def measure(size: int, args: argparse.Namespace) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse(argv)
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         start, share = time.perf_counter(), Share()
         lines = [
             "- command: `python -m benchmarks.score_sizes" + (" " + shlex.join(argv) if argv else "") + "`",
@@ -174,18 +173,15 @@ def main(argv: list[str] | None = None) -> str:
             table(rows, head, True),
             "",
             "The default's first call also builds its cut and fused inference program (cached per model and "
-            'layer); ", warm" is a second call. The chunk_size variants reuse them. Maps are in [0, 1].',
+            'layer); ", warm" is a second call. The chunk_size variants reuse them. Maps are in [0, 1]. '
+            f"{DEFAULT_CHUNK!r} gives "
+            + ", ".join(f"{copies_per_forward(DEFAULT_CHUNK, (3, s, s))} at {s} px" for s in args.sizes)
+            + " masked images per forward (camfn.chunks.copies_per_forward).",
             "",
             f"- load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s; this process "
             f"used {share.used():.0%} of {torch.get_num_threads()} thread(s) x wall time",
         ]
-    finally:
-        torch.set_num_threads(threads)
-    text = "\n".join([*lines, *body])
-    print("\n".join(body))
-    if args.markdown is not None:
-        write_report(args.markdown, "Score-CAM across input sizes", text)
-    return text
+    return publish(lines, body, args.markdown, "Score-CAM across input sizes")
 
 
 if __name__ == "__main__":
