@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Every benchmark table in README (about 45 minutes on 2 cores); each writes benchmarks/results/*.md.
+# Every benchmark table in README (about 55 minutes on 2 cores); each writes benchmarks/results/*.md.
 FAST_METHODS := gradcam gradcampp xgradcam layercam hirescam gradcam_elementwise eigencam eigengradcam cam smooth_gradcampp
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.perturbation --methods score --markdown > benchmarks/results/perturbation.md
@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.speed --methods ablationcam scorecam sscam iscam --models resnet18 \
 		--markdown benchmarks/results/speed-slow.md
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
+	$(BIN)/python -m benchmarks.overhead --before 0dce887 --markdown
+	$(BIN)/python -m benchmarks.score_sizes --markdown
 	$(BIN)/python -m benchmarks.scaling --markdown
 	$(BIN)/python -m benchmarks.quality --n 256 --steps 16 --markdown benchmarks/results/quality.md
 

@@ -25,7 +25,7 @@ import torch
 import torchvision
 
 import camfn
-from benchmarks.speed import cpu_model, revision
+from benchmarks.common import cpu_model, revision
 
 RESULTS = "benchmarks/results/compile.md"
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 2, 112 px, 3 repeats")
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
-    parser.add_argument("--methods", nargs="+", default=["gradcam"])
+    parser.add_argument("--methods", nargs="+", choices=list(camfn.METHODS), default=["gradcam"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5)

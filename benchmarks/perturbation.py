@@ -55,16 +55,11 @@ import argparse
 import contextlib
 import copy
 import cProfile
-import ctypes
-import ctypes.util
 import functools
-import gc
 import inspect
 import io
 import json
-import platform
 import pstats
-import re
 import resource
 import shlex
 import subprocess
@@ -75,7 +70,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torchvision
 from torch import Tensor
@@ -84,13 +78,27 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks.speed import Case, cpu_model, fmt, last_module, loadavg, revision, table, timed, version
+from benchmarks.common import (
+    BUSY,
+    ROOT,
+    Case,
+    Meter,
+    Share,
+    can_reset_peak,
+    environment,
+    fmt,
+    last_module,
+    loadavg,
+    maxdiff,
+    mib,
+    settle,
+    status,
+    table,
+)
 from camfn.methods.perturbation import masks_upsample_first
 
 TARGET_ABLATION = 50.0  # grad-cam AblationCAM time / camfn.ablationcam time, at least
 TARGET_SCORE = 1.5  # time of the faster Score-CAM reference / camfn.scorecam time, at least
-BUSY = 0.6  # below this share of (threads x wall time) the CPUs were shared with other processes
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATION_CHUNK = inspect.signature(camfn.ablationcam).parameters["chunk_size"].default
 SCORE_CHUNK = inspect.signature(camfn.scorecam).parameters["chunk_size"].default
 CHUNKS = (SCORE_CHUNK, *(c for c in (16, 32, 64) if c != SCORE_CHUNK))[:3]  # camfn.scorecam's; default first
@@ -141,61 +149,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def header(args: argparse.Namespace, argv: list[str]) -> list[str]:
     return [
         "command: python -m benchmarks.perturbation" + (" " + shlex.join(argv) if argv else ""),
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, camfn {camfn.__version__}, "
-        f"grad-cam {version('grad-cam')}, torchcam {version('torchcam')}, python {platform.python_version()}, "
-        f"camfn at {revision()}",
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch threads: {torch.get_num_threads()}, "
-        f"load average at start: {loadavg()}",
+        *environment(),
         f"model {args.model} (random weights, eval), layer {args.layer!r}, {args.size}x{args.size} px, float32, "
         f"batches {', '.join(map(str, args.batches))}; camfn: one untimed first call, then median of "
         f"{args.repeats} (ablationcam) / {args.score_repeats} (scorecam; "
         f"{max(1, args.score_repeats // 2)} for chunk_size {' and '.join(map(str, CHUNKS[1:]))}) timed calls; "
         "references: 1 call each",
     ]
-
-
-# ------------------------------------------------------------------------------------------ memory
-def _status(key: str) -> int:
-    """A ``kB`` field of ``/proc/self/status``."""
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"no {key} in /proc/self/status")
-    return int(match.group(1))
-
-
-@functools.cache
-def _trim() -> Callable[[], object]:
-    """glibc's ``malloc_trim(0)`` (freed heap memory back to the system), or a no-op elsewhere."""
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return lambda *_: 0
-
-
-def settle() -> int:
-    """Collect garbage, trim the heap; the resident set size in KiB."""
-    gc.collect()
-    _trim()(0)
-    return _status("VmRSS")
-
-
-def can_reset_peak() -> bool:
-    try:
-        reset_peak()
-        _status("VmHWM")
-    except OSError:
-        return False
-    return True
-
-
-def reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def mib(kib: float) -> float:
-    return kib / 1024
 
 
 # ------------------------------------------------------------------------------------------ cases
@@ -379,21 +339,6 @@ def build(args: argparse.Namespace) -> Bench:
 
 
 # ------------------------------------------------------------------------------------------ running
-class Meter:
-    """Times one call and, with ``clear_refs``, its peak resident memory above the RSS before it."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, object, float | None]:
-        before = settle() if self.enabled else 0
-        if self.enabled:
-            reset_peak()
-        seconds, cpu_seconds, out = timed(fn, torch.device("cpu"))
-        peak = mib(_status("VmHWM") - before) if self.enabled else None
-        return seconds, cpu_seconds, out, peak
-
-
 def schedule(runs: list[Run]) -> list[tuple[Run, bool]]:
     """``(run, is_first_call)`` in order: per group, camfn first calls, the first half of the timed calls of
     camfn and the floor (round-robin), the references, then the second half."""
@@ -416,7 +361,7 @@ def schedule(runs: list[Run]) -> list[tuple[Run, bool]]:
 
 def execute(bench: Bench, meter: Meter, start: float) -> float:
     """Run every case; the share of (threads x wall time) this process used."""
-    wall, cpu = time.perf_counter(), time.process_time()
+    share = Share()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the references' deprecation chatter
         for run, first in schedule(bench.runs):
@@ -437,7 +382,7 @@ def execute(bench: Bench, meter: Meter, start: float) -> float:
                 file=sys.stderr,
                 flush=True,
             )
-    return (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
+    return share.used()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -449,7 +394,7 @@ def worker(args: argparse.Namespace) -> None:
         warnings.simplefilter("ignore")
         before = settle()
         try:
-            high = _status("VmHWM")
+            high = status("VmHWM")
         except OSError:
             high = None
         run.fn()  # for camfn this first call also traces: an upper bound of a warm call
@@ -475,10 +420,6 @@ def subprocess_peaks(bench: Bench, argv: list[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def maxdiff(a: Any, b: Any) -> float:
-    return float((torch.as_tensor(np.asarray(a)) - torch.as_tensor(np.asarray(b))).abs().max())
-
-
 def memo(peak: float | None, bound: bool = False) -> str:
     return "-" if peak is None else ("<= " if bound else "") + f"{peak:.0f}"
 

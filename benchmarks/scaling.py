@@ -47,11 +47,11 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks.speed import cpu_model, fmt, loadavg, report_options, revision, table, write_report
+from benchmarks.common import cpu_model, fmt, loadavg, many_forwards, report_options, revision, table, write_report
 
 RESULTS = os.path.join("benchmarks", "results", "scaling.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "scaling-quick.md")
-METHODS = ("gradcam", "scorecam", "ablationcam")
+METHODS = ("gradcam", "scorecam", "ablationcam")  # the default; --methods takes any of camfn.METHODS
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 AXES = ("batch", "targets", "channels", "width", "size")
 
@@ -77,7 +77,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "each point is called once untimed and twice timed); --quick: 1-3 minutes (measured 173 s with the load "
         "average at 8 on 2 cores, --threads 1).",
     )
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="[all three]")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(camfn.METHODS),
+        default=list(METHODS),
+        help="[gradcam scorecam ablationcam]",
+    )
     parser.add_argument("--model", default="resnet18", help="torchvision model with layer1..layer4 [resnet18]")
     parser.add_argument("--size", type=int, default=None, help="input side of the base point [112; --quick: 64]")
     parser.add_argument("--batches", type=int, nargs="+", default=None, help="[1 2 4 8; --quick: 1 2 4]")
@@ -89,7 +95,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=None, help="input sides [64 112 224; --quick: 64 112]")
     parser.add_argument("--repeats", type=int, default=3, help="timed gradcam calls per point [3]")
     parser.add_argument(
-        "--slow-repeats", type=int, default=None, help="timed scorecam/ablationcam calls [2; --quick: 1]"
+        "--slow-repeats", type=int, default=None, help="timed calls of the perturbation methods [2; --quick: 1]"
     )
     parser.add_argument("--quick", action="store_true", help="smaller base point and grid (1-3 minutes)")
     report_options(parser, RESULTS, RESULTS_QUICK)
@@ -198,7 +204,7 @@ class Bench:
         if point not in self.cache:
             fn = self.call(point)
             fn()
-            repeats = self.args.repeats if point.method == "gradcam" else self.args.slow_repeats
+            repeats = self.args.slow_repeats if many_forwards(point.method) else self.args.repeats
             walls, cpus = [], []
             for _ in range(repeats):
                 start, cpu = time.perf_counter(), time.process_time()

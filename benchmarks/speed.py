@@ -1,47 +1,30 @@
-"""Speed of camfn against grad-cam, torchcam and the plain forward pass (CPU or CUDA).
+"""The race: every camfn method that grad-cam or torchcam also has, timed against them in one process.
 
-Two benchmarks, run from the repository root.
+Run from the repository root (``--help`` lists the options; the Grad-CAM detail is
+``benchmarks/gradcam_detail.py``, the per-call overhead at batch 1 ``benchmarks/overhead.py``)::
 
-**The race** (default): every camfn method that grad-cam or torchcam also has, timed in one process against
-them, per model and batch size, with peak memory (implemented in ``benchmarks/race.py``; ``--markdown``
-writes ``benchmarks/results/speed.md``)::
+    python -m benchmarks.speed --quick --markdown   # resnet18, batch 1, 112 px (2-3 minutes on 2 cores)
+    python -m benchmarks.speed --markdown           # resnet18 + resnet50, batches 1 and 8, 224 px (40-60 min)
 
-    python -m benchmarks.speed --quick --markdown   # resnet18, batch 1, 112 px, gradient methods + cam +
-                                                    # scorecam at layer3 (2-3 minutes on 2 cores)
-    python -m benchmarks.speed --markdown           # resnet18 and resnet50, batches 1 and 8, 224 px, all
-                                                    # methods (40-60 minutes on 2 cores, see --help)
+The methods are those of ``camfn.METHODS`` (in its order) that :data:`REFERENCES` maps to a grad-cam or
+torchcam class. For each model (random weights, eval, float32) and batch size, and each method, three
+contenders get the same input and one class per image: ``camfn.<method>(model, params, x, layer, classes)``
+(default options; maps resized to the input), the grad-cam class (``Class(model,
+[model.<layer>[-1]])(input_tensor=x, targets=...)``, numpy maps resized to the input with cv2) and the
+torchcam class (``Class(model, layer)``: a forward, then ``extractor(class_idx, scores)``; maps at the layer's
+resolution, not resized). Each library has its own ``copy.deepcopy`` of the model (same weights); one
+reference extractor lives at a time and its hooks are removed before the next method.
 
-**The Grad-CAM detail** (``--gradcam-detail``): camfn.gradcam alone against the references, the plain forward
-pass and many targets per image, with paired ratios and an optional profile::
+Fast methods (one forward and backward each): one untimed call per contender, then ``--repeats`` rounds in
+which camfn, grad-cam and torchcam run back to back; the median (and min) per contender is reported.
+Slow methods (the Score-CAM family, Ablation-CAM, SmoothGrad-CAM++: tens to thousands of forwards) run only
+at ``--slow-batches``, at ``--slow-layer``, with ``--slow-repeats`` timed calls and no warm-up (camfn's first
+call includes its tracing, a fraction of a second); SS-CAM and IS-CAM use ``--noise-samples`` noise samples
+in both libraries (their defaults, 35 and 10, cost proportionally more).
 
-    python -m benchmarks.speed --gradcam-detail              # resnet50, batch 8, 224 px, 5 repeats (3-6 min)
-    python benchmarks/speed.py --gradcam-detail --quick      # resnet18, batch 2, 112 px, 2 repeats (< 1 min)
-    python -m benchmarks.speed --gradcam-detail --markdown   # tables as markdown, for the README
-    python -m benchmarks.speed --gradcam-detail --profile    # also: where camfn's time goes
-    python -m benchmarks.speed --gradcam-detail --threads 1  # one thread: CPU times robust to other processes
-
-What the Grad-CAM detail times, all in one process, on one random-weight torchvision model in eval mode:
-
-1. one target per image: ``camfn.gradcam(model, params, x, layer, target)`` with a ``(B,)`` class tensor,
-   grad-cam ``GradCAM(model, [layer[-1]])(x, targets)`` and torchcam ``GradCAM(model, layer)`` (forward with
-   gradients inside the extractor's life, then ``extractor(class_idx, scores)``);
-2. ``T`` targets per image (default 10): camfn with one ``(B, T)`` target tensor, against ``T`` calls of
-   each reference with one class per image each (and torchcam's cheapest way: one forward, ``T`` backward
-   passes with ``retain_graph=True``);
-3. the physical floor: one ``torch.no_grad()`` forward of the same model on the same batch.
-
-Every library gets its own ``copy.deepcopy`` of the model (same weights): the references register hooks,
-and camfn refuses hooked models by default. Each case is called once untimed first (for camfn that call
-traces the model and is reported as "first call (trace)"), then the cases run round-robin ``--repeats``
-times (the slow ``T``-call reference loops only in the first ``--slow-repeats`` rounds) and the median (and
-min) of each is reported. The forward, camfn 1-target and camfn ``T``-target calls run back to back in each
-round, so besides the ratio of medians the script reports the median of the per-round ratios ("paired")
-and the ratio of mins, both much less sensitive to other processes loading the machine; ``--threads 1``
-makes the CPU-time column exact even on a shared machine. Nothing is asserted.
-
-What comes back differs by default and is *not* equalised: camfn and grad-cam resize the maps to the input
-size (camfn with ``F.interpolate`` on the tensor, grad-cam with cv2 on numpy arrays, per map), torchcam
-returns maps at the layer's resolution.
+Peak memory: the peak resident set size during the call minus the resident size just before it, in MiB, via
+``benchmarks.common``'s ``clear_refs`` meter (largest over the timed calls); "-" where the kernel does
+not allow resetting the peak. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -51,21 +34,17 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # grad-cam's progress bars; read when tqdm is first imported
 
 import argparse
-import contextlib
 import copy
-import cProfile
-import importlib.metadata
-import io
-import platform
-import pstats
-import statistics
-import subprocess
+import functools
+import shlex
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torchvision
 from torch import Tensor, nn
@@ -74,483 +53,450 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
+from benchmarks.common import (
+    BUSY,
+    Meter,
+    Share,
+    Timings,
+    can_reset_peak,
+    environment,
+    fmt,
+    last_module,
+    loadavg,
+    many_forwards,
+    maxdiff,
+    report_options,
+    table,
+    write_report,
+)
 
-TARGET_FORWARD = 1.25  # camfn 1-target time / plain forward time
-TARGET_MULTI = 1.3  # camfn T-target time / camfn 1-target time
-BUSY = 0.6  # below this share of (threads x wall time) the CPUs were shared with other processes
+RESULTS = os.path.join("benchmarks", "results", "speed.md")
+RESULTS_QUICK = os.path.join("benchmarks", "results", "speed-quick.md")
+
+
+# ------------------------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Method:
+    """A camfn method and its counterparts: grad-cam / torchcam class names (``None``: the library has none).
+
+    ``slow``: many forwards per call (batch and layer from the ``--slow-*`` options). ``torchcam_call``: how
+    torchcam is driven, ``"grad"`` (forward with gradients, scores passed) or ``"forward"`` (no_grad forward).
+    """
+
+    name: str
+    gradcam: str | None
+    torchcam: str | None
+    slow: bool = False
+    torchcam_call: str = "grad"
+
+
+REFERENCES: dict[str, tuple[str | None, str | None]] = {
+    "gradcam": ("GradCAM", "GradCAM"),
+    "gradcampp": ("GradCAMPlusPlus", "GradCAMpp"),
+    "xgradcam": ("XGradCAM", "XGradCAM"),
+    "layercam": ("LayerCAM", "LayerCAM"),
+    "hirescam": ("HiResCAM", None),
+    "gradcam_elementwise": ("GradCAMElementWise", None),
+    "eigencam": ("EigenCAM", None),
+    "eigengradcam": ("EigenGradCAM", None),
+    "cam": (None, "CAM"),
+    "smooth_gradcampp": (None, "SmoothGradCAMpp"),  # n=4 gradient passes: timed like the fast ones
+    "ablationcam": ("AblationCAM", None),
+    "scorecam": ("ScoreCAM", "ScoreCAM"),
+    "sscam": (None, "SSCAM"),
+    "iscam": (None, "ISCAM"),
+}
+"""camfn method name -> (grad-cam class, torchcam class): the one fact about a method camfn cannot know."""
+
+
+def torchcam_way(name: str) -> str:
+    """torchcam's gradient methods take the scores of a forward with gradients; the others a no_grad forward."""
+    return "grad" if camfn.METHODS[name].spec.needs == "gradients" or name == "smooth_gradcampp" else "forward"
+
+
+METHODS = tuple(
+    Method(name, *REFERENCES[name], slow=many_forwards(name), torchcam_call=torchcam_way(name))
+    for name in camfn.METHODS
+    if name in REFERENCES
+)
+BY_NAME = {m.name: m for m in METHODS}
+QUICK_METHODS = [m.name for m in METHODS if not m.slow] + ["scorecam"]
+
+FULL_DURATION = (
+    f"The full run (resnet18 and resnet50, batches 1 and 8, 224 px, all {len(METHODS)} methods) takes an "
+    "estimated 40-60 minutes on 2 idle cores, two thirds of it resnet50's Score-CAM family at batch 1 "
+    "(layer4 has 2048 channels: 2048 forwards per call and library; SS-CAM and IS-CAM twice that with "
+    "--noise-samples 2); without the slow methods (--methods gradcam gradcampp xgradcam layercam hirescam"
+    " gradcam_elementwise eigencam eigengradcam cam) about 10 minutes. --quick: 2-3 minutes on idle cores"
+    " (measured 194 s with the load average at 9). On a shared machine add --threads 1 and read the "
+    "CPU-time ratios."
+)
 
 
 # ------------------------------------------------------------------------------------------ options
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.speed --gradcam-detail",
-        description="camfn.gradcam against grad-cam, torchcam, the plain forward pass and T targets per image.",
+        prog="python -m benchmarks.speed",
+        description="The race: camfn's methods against grad-cam and torchcam, time and peak memory. "
+        "(The Grad-CAM detail: python -m benchmarks.gradcam_detail.)",
+        epilog=FULL_DURATION,
     )
-    parser.add_argument("--model", default=None, help="torchvision model name [resnet50; --quick: resnet18]")
-    parser.add_argument("--layer", default="layer4", help="layer (module path) to explain [layer4]")
-    parser.add_argument("--batch", type=int, default=None, help="batch size [8; --quick: 2]")
-    parser.add_argument("--size", type=int, default=None, help="image side in pixels [224; --quick: 112]")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per case [5; --quick: 2]")
+    names = [m.name for m in METHODS]
+    fast = len(names) - sum(m.slow for m in METHODS)
     parser.add_argument(
-        "--slow-repeats", type=int, default=2, help="timed repeats of the T-call reference loops, at most --repeats [2]"
-    )
-    parser.add_argument("--targets", type=int, default=10, help="classes per image in the multi-target case [10]")
-    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18, batch 2, 112 px, 2 repeats")
-    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
-    parser.add_argument("--profile", action="store_true", help="profile camfn's calls after timing")
-    parser.add_argument("--device", default="cpu", help="torch device [cpu]")
-    parser.add_argument(
-        "--threads",
-        type=int,
+        "--methods",
+        nargs="+",
+        choices=names,
         default=None,
-        help="torch.set_num_threads (default: leave torch's default). With 1 thread the CPU-time column is "
-        "robust to other processes on the machine",
+        help=f"[all {len(names)}; --quick: the {fast} fast + scorecam]",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, input and targets [0]")
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="torchvision models [resnet18 resnet50; --quick: resnet18]"
+    )
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=None, help="batch sizes of fast methods [1 8; --quick: 1]"
+    )
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels [224; --quick: 112]")
+    parser.add_argument("--layer", default="layer4", help="layer of the fast methods [layer4]")
+    parser.add_argument("--slow-layer", default=None, help="layer of the slow methods [layer4; --quick: layer3]")
+    parser.add_argument("--slow-batches", type=int, nargs="+", default=[1], help="batch sizes of slow methods [1]")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds of fast methods [5; --quick: 3]")
+    parser.add_argument("--slow-repeats", type=int, default=1, help="timed calls of slow methods, no warm-up [1]")
+    parser.add_argument(
+        "--noise-samples", type=int, default=2, help="n of sscam and iscam in both libraries (defaults 35, 10) [2]"
+    )
+    parser.add_argument("--quick", action="store_true", help="resnet18, batch 1, 112 px, fast methods + scorecam")
+    report_options(parser, RESULTS, RESULTS_QUICK)
+    if "--gradcam-detail" in (sys.argv[1:] if argv is None else argv):
+        parser.error("the Grad-CAM detail has its own script: python -m benchmarks.gradcam_detail")
     args = parser.parse_args(argv)
-    quick = {"model": "resnet18", "batch": 2, "size": 112, "repeats": 2}
-    full = {"model": "resnet50", "batch": 8, "size": 224, "repeats": 5}
+    quick = {"methods": QUICK_METHODS, "models": ["resnet18"], "batches": [1], "size": 112, "repeats": 3}
+    quick["slow_layer"] = "layer3"
+    full = {"methods": names, "models": ["resnet18", "resnet50"], "batches": [1, 8], "size": 224, "repeats": 5}
+    full["slow_layer"] = args.layer
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if min(args.repeats, args.slow_repeats, args.batch, args.targets) < 1:
-        parser.error("--repeats, --slow-repeats, --batch and --targets must be at least 1")
-    args.slow_repeats = min(args.slow_repeats, args.repeats)
+    if args.markdown == "":
+        args.markdown = RESULTS_QUICK if args.quick else RESULTS
+    if min(args.repeats, args.slow_repeats, args.noise_samples, *args.batches, *args.slow_batches) < 1:
+        parser.error("--repeats, --slow-repeats, --noise-samples, --batches and --slow-batches must be at least 1")
     return args
 
 
-# ------------------------------------------------------------------------------------------ environment
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
-def version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def revision() -> str:
-    """The repository's commit, marked dirty when camfn has uncommitted changes (what was measured)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "camfn"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in camfn/" if dirty else "")
-
-
-def header(args: argparse.Namespace) -> list[str]:
-    dev = torch.device(args.device)
-    lines = [
-        f"torch {torch.__version__}, torchvision {torchvision.__version__}, camfn {camfn.__version__}, "
-        f"grad-cam {version('grad-cam')}, torchcam {version('torchcam')}, python {platform.python_version()}, "
-        f"camfn at {revision()}",
-        f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch threads: {torch.get_num_threads()}, "
-        f"load average at start: {loadavg()}",
-    ]
-    if dev.type == "cuda":
-        lines.append(f"GPU: {torch.cuda.get_device_name(dev)}")
-    lines.append(
-        f"model {args.model} (random weights, eval), layer {args.layer!r}, batch {args.batch}, "
-        f"{args.size}x{args.size} px, float32, device {args.device}, {args.targets} targets in the multi-target case, "
-        f"median of {args.repeats} round-robin repeats ({args.slow_repeats} for the {args.targets}-call reference "
-        "loops) after one untimed call per case"
-    )
-    return lines
-
-
-def report_options(parser: argparse.ArgumentParser, results: str, results_quick: str) -> None:
-    """``--markdown [PATH]``, ``--threads`` and ``--seed``, as the race and the scaling benchmark take them."""
-    parser.add_argument(
-        "--markdown",
-        nargs="?",
-        const="",
-        default=None,
-        metavar="PATH",
-        help=f"also write the report to PATH [{results}; --quick: {results_quick}]",
-    )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads [torch's default]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights, inputs and classes [0]")
-
-
-def write_report(path: str, title: str, text: str) -> None:
-    """Write ``# title`` and ``text`` to ``path`` (relative to the repository root unless absolute)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = path if os.path.isabs(path) else os.path.join(root, path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(f"# {title}\n\n{text}\n")
-    print(f"written to {os.path.relpath(path, root)}", file=sys.stderr)
-
-
-# ------------------------------------------------------------------------------------------ timing
-class Timings:
-    """Summaries of ``times`` (wall seconds per call) and ``cpu`` (process CPU seconds per call)."""
-
-    times: list[float]
-    cpu: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def cpu_median(self) -> float:
-        return statistics.median(self.cpu)
-
-
+# ------------------------------------------------------------------------------------------ contenders
 @dataclass
-class Case(Timings):
-    """One timed thing. ``group`` is "1" (one target per image), "T" (many) or "floor"."""
+class Contender(Timings):
+    """One library's call of one method: its timings (s), peaks (MiB above the RSS before the call), output."""
 
-    name: str
-    group: str
-    fn: Callable[[], object]
-    note: str = ""
-    warm: bool = True  # call once untimed before the repeats (False: the code path is already warm)
-    slow: bool = False  # timed only in the first --slow-repeats rounds
+    library: str
+    fn: Callable[[], Any]
     first: float | None = None
     times: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)  # process CPU seconds per call (all threads)
+    peaks: list[float] = field(default_factory=list)
+    output: Any = None
+
+    @property
+    def peak(self) -> float | None:
+        return max(self.peaks) if self.peaks else None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Result:
+    """One row of the report: a method at one (model, batch), its contenders in order camfn, grad-cam, torchcam."""
+
+    model: str
+    batch: int
+    method: str
+    layer: str
+    contenders: dict[str, Contender]
+    note: str = ""
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float, object]:
-    """Wall seconds (``time.perf_counter``), process CPU seconds and the result of ``fn()``."""
-    sync(device)
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - start, time.process_time() - cpu, out
+def camfn_options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
+    """``n=--noise-samples`` for the noise-sampling Score methods (the slow ones with an option ``n``)."""
+    return {"n": args.noise_samples} if method.slow and "n" in camfn.METHODS[method.name].spec.options else {}
 
 
-# ------------------------------------------------------------------------------------------ contenders
-def last_module(model: nn.Module, path: str) -> nn.Module:
-    """grad-cam's usual target: the last block of a Sequential (``model.layer4[-1]``), else the module."""
-    module = model.get_submodule(path)
-    return module[-1] if isinstance(module, nn.Sequential) and len(module) else module
+def torchcam_options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = {"input_shape": (3, args.size, args.size)}
+    if method.name == "cam":
+        options["fc_layer"] = "fc"
+    if camfn_options(method, args):
+        options["num_samples"] = args.noise_samples
+    return options
 
 
-def build(args: argparse.Namespace):
-    from pytorch_grad_cam import GradCAM as GCGradCAM
+def gradcam_extractor(method: Method, model: nn.Module, layer: str):
+    """The grad-cam object and a function that removes its hooks."""
+    import pytorch_grad_cam
+
+    extractor = getattr(pytorch_grad_cam, method.gradcam)(model, [last_module(model, layer)])
+    return extractor, extractor.activations_and_grads.release
+
+
+def torchcam_extractor(method: Method, model: nn.Module, layer: str, args: argparse.Namespace):
+    """The torchcam object and a function that removes its hooks."""
+    import torchcam.methods
+
+    extractor = getattr(torchcam.methods, method.torchcam)(model, layer, **torchcam_options(method, args))
+    return extractor, extractor.remove_hooks
+
+
+def gradcam_call(extractor, x: Tensor, classes: list[int]) -> np.ndarray:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-    from torchcam.methods import GradCAM as TCGradCAM
 
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    base = torchvision.models.get_model(args.model, weights=None).eval().to(device)
-    x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+    return extractor(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+
+
+def torchcam_call(extractor, model: nn.Module, x: Tensor, classes: list[int], how: str) -> Tensor:
+    if how == "grad":
+        with torch.enable_grad():
+            return extractor(class_idx=classes, scores=model(x))[0]
     with torch.no_grad():
-        num_classes = base(x).shape[1]
-    gen = torch.Generator().manual_seed(args.seed)
-    one = torch.randint(0, num_classes, (args.batch,), generator=gen).to(device)
-    many = torch.stack([torch.randperm(num_classes, generator=gen)[: args.targets] for _ in range(args.batch)]).to(
-        device
+        model(x)
+    return extractor(class_idx=classes)[0]
+
+
+# ------------------------------------------------------------------------------------------ running
+def measure(contender: Contender, meter: Meter, timed_call: bool = True) -> None:
+    seconds, cpu_seconds, out, peak = meter(contender.fn)
+    contender.output = out
+    if not timed_call:
+        contender.first = seconds
+        return
+    contender.times.append(seconds)
+    contender.cpu.append(cpu_seconds)
+    if peak is not None:
+        contender.peaks.append(peak)
+
+
+def run_method(
+    method: Method,
+    models: dict[str, nn.Module],
+    params: dict[str, Tensor],
+    x: Tensor,
+    classes: Tensor,
+    args: argparse.Namespace,
+    meter: Meter,
+    label: str,
+) -> Result:
+    """Time camfn and the references on one method; the references' hooks are removed afterwards."""
+    layer = args.slow_layer if method.slow else args.layer
+    listed = classes.tolist()
+    fn = functools.partial(
+        camfn.METHODS[method.name], models["camfn"], params, x, layer, classes, **camfn_options(method, args)
     )
-    one_list = one.tolist()
-    many_cols = [many[:, j].tolist() for j in range(args.targets)]
-
-    m_camfn, m_gc, m_tc = (copy.deepcopy(base) for _ in range(3))
-    p = camfn.params(m_camfn)
-    gc_cam = GCGradCAM(m_gc, [last_module(m_gc, args.layer)])
-    tc_cam = TCGradCAM(m_tc, args.layer)
-
-    def floor() -> object:
-        with torch.no_grad():
-            return base(x)
-
-    def camfn_one() -> Tensor:
-        return camfn.gradcam(m_camfn, p, x, args.layer, one)
-
-    def camfn_many() -> Tensor:
-        return camfn.gradcam(m_camfn, p, x, args.layer, many)
-
-    def gc_call(classes: list[int]):
-        return gc_cam(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
-
-    def tc_call(classes: list[int]) -> Tensor:
-        with torch.enable_grad():
-            scores = m_tc(x)
-            return tc_cam(class_idx=classes, scores=scores)[0]
-
-    def tc_retain() -> list[Tensor]:
-        with torch.enable_grad():
-            scores = m_tc(x)
-            last = len(many_cols) - 1
-            return [tc_cam(class_idx=c, scores=scores, retain_graph=j < last)[0] for j, c in enumerate(many_cols)]
-
-    T = args.targets
-    # Run order: the three cases of the target ratios back to back, then the references, slow loops last.
-    cases = [
-        Case("torch.no_grad() forward", "floor", floor, "the physical floor"),
-        Case("camfn.gradcam", "1", camfn_one, "(B,) target; maps resized to input"),
-        Case("camfn.gradcam", "T", camfn_many, f"one (B, {T}) target"),
-        Case("grad-cam GradCAM", "1", lambda: gc_call(one_list), "numpy, resized to input (cv2)"),
-        Case("torchcam GradCAM", "1", lambda: tc_call(one_list), "layer resolution, not resized"),
-        Case("torchcam GradCAM, retain_graph", "T", tc_retain, f"1 forward + {T} backward"),
-        Case("grad-cam GradCAM", "T", lambda: [gc_call(c) for c in many_cols], f"{T} calls", warm=False, slow=True),
-        Case("torchcam GradCAM", "T", lambda: [tc_call(c) for c in many_cols], f"{T} calls", warm=False, slow=True),
-    ]
-
-    def close() -> list[str]:
-        """Remove the references' hooks; report what each library left behind on its model."""
-        notes = []
-        gc_cam.activations_and_grads.release()
-        tc_cam.remove_hooks()
-        for name, model in (("camfn", m_camfn), ("grad-cam", m_gc), ("torchcam", m_tc), ("plain forward", base)):
-            training = sum(m.training for m in model.modules())
-            grads = sum(q.grad is not None for q in model.parameters())
-            hooks = len(camfn.hooks.foreign_hooks(model))
-            notes.append(
-                f"{name} model after the run: {training} module(s) in train mode, {grads} parameter(s) with .grad, "
-                f"{hooks} hook(s) left"
+    contenders = {"camfn": Contender("camfn", fn)}
+    releases = []
+    try:
+        if method.gradcam is not None:
+            gc, release = gradcam_extractor(method, models["grad-cam"], layer)
+            releases.append(release)
+            contenders["grad-cam"] = Contender("grad-cam", functools.partial(gradcam_call, gc, x, listed))
+        if method.torchcam is not None:
+            tc, release = torchcam_extractor(method, models["torchcam"], layer, args)
+            releases.append(release)
+            contenders["torchcam"] = Contender(
+                "torchcam", functools.partial(torchcam_call, tc, models["torchcam"], x, listed, method.torchcam_call)
             )
-        # grad-cam's constructor switches the model to eval mode (train-mode BatchNorm/Dropout users beware).
-        probe = copy.deepcopy(base).train()
-        with GCGradCAM(probe, [last_module(probe, args.layer)]):
-            pass
-        notes.append(
-            f"grad-cam GradCAM(model.train(), ...) leaves model.training={probe.training} "
-            "(its constructor calls model.eval())"
-        )
-        return notes
-
-    def agreement() -> list[str]:
-        """Same work? Max abs difference of the 1-target maps (both already in [0, 1])."""
+        repeats = args.slow_repeats if method.slow else args.repeats
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ours = camfn_one().cpu()
-            ref = torch.as_tensor(gc_call(one_list))
-            ours_small = camfn.gradcam(m_camfn, p, x, args.layer, one, size=None).cpu()
-            tc = tc_call(one_list).cpu()
-        return [
-            f"camfn vs grad-cam maps (input size): max |diff| = {(ours - ref).abs().max():.2e}",
-            f"camfn(size=None) vs torchcam maps (layer size): max |diff| = {(ours_small - tc).abs().max():.2e}",
-        ]
+            warnings.simplefilter("ignore")  # the references' deprecation chatter
+            if not method.slow:
+                for c in contenders.values():
+                    measure(c, meter, timed_call=False)
+            for r in range(repeats):
+                for c in contenders.values():
+                    measure(c, meter)
+                    print(
+                        f"  {label:<22} {method.name:<20} {c.library:<9} call {r + 1}/{repeats} "
+                        f"{fmt(c.times[-1]):>8}  load {os.getloadavg()[0]:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    finally:
+        for release in releases:
+            release()
+    note = f"n={args.noise_samples}" if camfn_options(method, args) else ""
+    return Result("", x.shape[0], method.name, layer, contenders, note)
 
-    return cases, close, agreement, (m_camfn, p, x, one, many)
+
+def race_model(model_name: str, args: argparse.Namespace, meter: Meter) -> list[Result]:
+    """All methods on one model, for each batch size (slow methods only at the slow batch sizes)."""
+    torch.manual_seed(args.seed)
+    base = torchvision.models.get_model(model_name, weights=None).eval()
+    gen = torch.Generator().manual_seed(args.seed)
+    batches = sorted(set(args.batches) | set(args.slow_batches))
+    biggest = max(batches)
+    x_all = torch.randn(biggest, 3, args.size, args.size, generator=gen)
+    with torch.no_grad():
+        num_classes = base(x_all[:1]).shape[1]
+    c_all = torch.randint(0, num_classes, (biggest,), generator=gen)
+    models = {name: copy.deepcopy(base) for name in ("camfn", "grad-cam", "torchcam")}
+    params = camfn.params(models["camfn"])
+    camfn.tracing.trace(models["camfn"])  # the one-time fx trace is not part of any timed call (see "first call")
+    results = []
+    for b in batches:
+        x, classes = x_all[:b].clone(), c_all[:b].clone()
+        for name in args.methods:
+            method = BY_NAME[name]
+            if b not in (args.slow_batches if method.slow else args.batches):
+                continue
+            result = run_method(method, models, params, x, classes, args, meter, f"{model_name}, batch {b}")
+            result.model = model_name
+            results.append(result)
+    return results
 
 
 # ------------------------------------------------------------------------------------------ report
-def fmt(seconds: float | None) -> str:
-    if seconds is None:
+def speedup(result: Result) -> str:
+    """Median time of the faster reference over camfn's median, the same ratio of mins and of CPU times."""
+    refs = [c for name, c in result.contenders.items() if name != "camfn" and c.times]
+    ours = result.contenders["camfn"]
+    if not refs or not ours.times:
         return "-"
-    return f"{seconds * 1e3:.0f} ms" if seconds < 10 else f"{seconds:.1f} s"
+    faster = min(refs, key=lambda c: c.median)
+    return (
+        f"{faster.median / ours.median:.2f}x vs {faster.library} (mins {faster.best / ours.best:.2f}x, "
+        f"CPU {faster.cpu_median / ours.cpu_median:.2f}x)"
+    )
 
 
-def table(rows: list[list[str]], head: list[str], markdown: bool) -> str:
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-        out += ["| " + " | ".join(r) + " |" for r in rows]
-        return "\n".join(out)
-    widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
-    line = "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))
-    out = [line, "  ".join("-" * w for w in widths)]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(out)
+def agreement(result: Result) -> str:
+    """camfn vs grad-cam (both resized to the input, in [0, 1]); noise-based and sign-free methods differ."""
+    ours, ref = result.contenders["camfn"], result.contenders.get("grad-cam")
+    if ref is None or ours.output is None or ref.output is None:
+        return "-"
+    diff = maxdiff(ours.output.cpu(), ref.output)
+    return f"{diff:.1e}" + (" (sign-free)" if camfn.METHODS[result.method].spec.eigen else "")
 
 
-def paired(a: Case, b: Case) -> float:
-    """Median over rounds of ``a / b`` (the two calls of one round run close together)."""
-    return statistics.median(x / y for x, y in zip(a.times, b.times, strict=False))
+def cell(result: Result, library: str, what: str) -> str:
+    c = result.contenders.get(library)
+    if c is None or not c.times:
+        return "-"
+    if what == "time":
+        return fmt(c.median)
+    return "-" if c.peak is None else f"{c.peak:.0f}"
 
 
-def verdict(ratios: list[float], limit: float) -> str:
-    if all(r <= limit for r in ratios):
-        return "met"
-    if all(r > limit for r in ratios):
-        return "MISSED"
-    return "unclear (noisy)"
-
-
-def report(cases: list[Case], args: argparse.Namespace, busy: float | None = None) -> str:
-    T = args.targets
-    floor = next(c for c in cases if c.group == "floor")
-    ours = {c.group: c for c in cases if c.name == "camfn.gradcam"}
-    group_name = {"floor": "forward", "1": "1 target / image", "T": f"{T} targets / image"}
-    shown = sorted(cases, key=lambda c: (["floor", "1", "T"].index(c.group), c.name != "camfn.gradcam", c.slow))
+def rows_of(results: list[Result]) -> list[list[str]]:
     rows = []
-    for c in shown:
-        mine = ours.get(c.group)
+    for r in results:
+        ours = r.contenders["camfn"]
         rows.append(
             [
-                group_name[c.group],
-                c.name,
-                fmt(c.first),
-                fmt(c.median),
-                fmt(c.best),
-                fmt(c.cpu_median),
-                str(len(c.times)),
-                f"{c.median / floor.median:.2f}x",
-                f"{c.median / mine.median:.2f}x" if mine is not None else "-",
-                c.note,
+                f"`{r.method}`" + (f" ({r.note})" if r.note else ""),
+                r.layer,
+                str(len(ours.times)),
+                fmt(ours.first),
+                cell(r, "camfn", "time"),
+                cell(r, "grad-cam", "time"),
+                cell(r, "torchcam", "time"),
+                speedup(r),
+                cell(r, "camfn", "peak"),
+                f"{cell(r, 'grad-cam', 'peak')} / {cell(r, 'torchcam', 'peak')}",
+                agreement(r),
             ]
         )
-    head = ["case", "method", "first call", "median", "min", "CPU time", "n", "/ forward", "/ camfn", "notes"]
-    out = [table(rows, head, args.markdown), ""]
-
-    def ratios(a: Case, b: Case) -> list[float]:
-        return [a.median / b.median, paired(a, b), a.best / b.best, a.cpu_median / b.cpu_median]
-
-    one, many = ours["1"], ours["T"]
-    checks = []
-    for label, a, b, limit in (
-        ("camfn 1 target / no_grad forward", one, floor, TARGET_FORWARD),
-        (f"camfn {T} targets / camfn 1 target", many, one, TARGET_MULTI),
-    ):
-        r = ratios(a, b)
-        verdict_ = verdict(r[:3], limit)
-        if busy is not None and busy < BUSY:
-            verdict_ += " (busy machine)"
-        checks.append([label, *(f"{v:.2f}" for v in r), f"<= {limit}", verdict_])
-    for c in shown:
-        if c.group in ("1", "T") and c.name != "camfn.gradcam":
-            r = ratios(c, ours[c.group])
-            faster = "camfn faster" if r[0] > 1 and r[2] > 1 else "reference faster" if r[0] < 1 and r[2] < 1 else ""
-            checks.append([f"{c.name} ({group_name[c.group]}) / camfn", *(f"{v:.2f}" for v in r), "", faster])
-    out.append(table(checks, ["ratio", "of medians", "paired", "of mins", "of CPU times", "target", ""], args.markdown))
-    out.append("")
-    out.append(
-        f'"first call" is the untimed first call of each case; for camfn 1 target it includes tracing the model '
-        f"(torch.fx), the graph rewrite and fake-tensor shape propagation, all cached afterwards. "
-        f"The {T}-call reference loops reuse the warm 1-target code path and have no first call of their own. "
-        '"paired" is the median over rounds of the ratio of the two calls made in the same round. '
-        '"CPU time" is the median process CPU time per call (all threads; it counts OpenMP spin-waiting, so it '
-        "is robust to other processes only with --threads 1). Verdicts use the three wall-time ratios: "
-        '"met" when all are within the target, "MISSED" when none is. Other processes only ever add time, so '
-        "on a shared machine the ratio of mins is the least biased estimate."
-    )
-    out.append(
-        "Outputs are not equalised: camfn and grad-cam resize to the input size, torchcam returns "
-        "layer-resolution maps."
-    )
-    return "\n".join(out)
+    return rows
 
 
-# ------------------------------------------------------------------------------------------ profile
-def profile(state: tuple, args: argparse.Namespace) -> str:
-    m_camfn, p, x, one, many = state
+HEAD = [
+    "method",
+    "layer",
+    "n",
+    "camfn first call",
+    "camfn median",
+    "grad-cam median",
+    "torchcam median",
+    "speed-up of camfn over the faster reference",
+    "camfn peak MiB",
+    "grad-cam / torchcam peak MiB",
+    "max abs diff vs grad-cam",
+]
+
+NOTES = (
+    '"n": timed calls per contender (fast methods: after one untimed call each, in rounds; slow methods: no '
+    'warm-up, but the model is traced before any timing). "camfn first call": the untimed first call of a fast '
+    "method (the trace itself happens once per model before timing; cached afterwards). "
+    "\"speed-up\": the faster reference's median over camfn's median "
+    "(above 1: camfn is faster), the same for the fastest calls and for the median process CPU times (all "
+    'threads; with --threads 1 robust to other processes on the machine). "peak MiB": peak resident memory '
+    'during the call minus the resident memory just before it (largest over the timed calls). "max abs diff": '
+    "camfn's maps against grad-cam's, both resized to the input and min-max normalised to [0, 1]; eigen methods "
+    "have no sign in grad-cam, noise-based methods draw different noise. Outputs are not equalised: camfn and "
+    "grad-cam resize to the input (grad-cam with cv2 on numpy, per map), torchcam returns layer-resolution maps."
+)
+
+
+def report(results: list[Result], args: argparse.Namespace) -> str:
     out = []
-    for label, target in (("1 target", one), (f"{args.targets} targets", many)):
-        camfn.gradcam(m_camfn, p, x, args.layer, target)  # warm
-        prof = cProfile.Profile()
-        prof.enable()
-        camfn.gradcam(m_camfn, p, x, args.layer, target)
-        prof.disable()
-        buf = io.StringIO()
-        stats = pstats.Stats(prof, stream=buf).sort_stats("cumulative")
-        stats.print_stats(r"camfn|torch/_functorch|torch/fx|functional_call|stateless", 25)
-        out.append(f"--- cProfile, camfn.gradcam, {label} (cumulative; camfn, functorch, fx frames) ---")
-        out.append(buf.getvalue().split("\n\n", 1)[-1].strip())
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as tp:
-            camfn.gradcam(m_camfn, p, x, args.layer, target)
-        out.append(f"--- torch.profiler, camfn.gradcam, {label} (top ops by self CPU time) ---")
-        out.append(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    for key in dict.fromkeys((r.model, r.batch) for r in results):
+        group = [r for r in results if (r.model, r.batch) == key]
+        out += [f"### {key[0]}, batch {key[1]}, {args.size} px", "", table(rows_of(group), HEAD, True), ""]
+    out.append(NOTES)
     return "\n".join(out)
 
 
-# ------------------------------------------------------------------------------------------ main
-def detail(argv: list[str] | None = None) -> None:
-    """The Grad-CAM detail: camfn.gradcam against the references, the forward floor and T targets."""
-    args = parse(argv)
-    device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    for line in header(args):
-        print(("- " if args.markdown else "") + line)
-    print(flush=True)
-
-    cases, close, agreement, state = build(args)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the references' deprecation chatter
-        for c in cases:
-            if c.warm:
-                c.first, _, _ = timed(c.fn, device)
-                print(f"  first call  {c.group:>5}  {c.name:<32} {fmt(c.first)}", file=sys.stderr, flush=True)
-        wall, cpu = time.perf_counter(), time.process_time()
-        for r in range(args.repeats):
-            for c in cases:
-                if c.slow and r >= args.slow_repeats:
-                    continue
-                seconds, cpu_seconds, _ = timed(c.fn, device)
-                c.times.append(seconds)
-                c.cpu.append(cpu_seconds)
-            print(
-                f"  repeat {r + 1}/{args.repeats} done, {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-        busy = (time.process_time() - cpu) / ((time.perf_counter() - wall) * torch.get_num_threads())
-
-    share = busy if device.type == "cpu" else None
-    print(report(cases, args, share))
-    if share is not None:
-        print(
-            f"This process used {share:.0%} of {torch.get_num_threads()} thread(s) x wall time while timing."
+def header(args: argparse.Namespace, argv: list[str], memory: bool) -> list[str]:
+    slow = [m for m in args.methods if BY_NAME[m].slow]
+    lines = [
+        "command: `python -m benchmarks.speed" + (" " + shlex.join(argv) if argv else "") + "`",
+        *environment(),
+        f"models {', '.join(args.models)} (random weights, eval, float32, CPU), {args.size}x{args.size} px, one "
+        f"class per image; fast methods: layer {args.layer!r}, batches {', '.join(map(str, args.batches))}, median "
+        f"of {args.repeats} rounds after one untimed call",
+    ]
+    if slow:
+        lines.append(
+            f"slow methods ({', '.join(slow)}): layer {args.slow_layer!r}, batch "
+            f"{', '.join(map(str, args.slow_batches))} only, {args.slow_repeats} timed call(s), no warm-up"
             + (
-                " The CPUs were shared with other processes: single timings are unreliable; prefer the paired "
-                "and min ratios, more --repeats, or --threads 1 with the CPU-time ratios."
-                if share < BUSY
+                f"; sscam/iscam with n={args.noise_samples} in both libraries"
+                if any(camfn_options(BY_NAME[m], args) for m in slow)
                 else ""
             )
         )
-    print()
-    for line in agreement():
-        print(("- " if args.markdown else "") + line)
-    if args.profile:
-        print()
-        print(profile(state, args))
-    for line in close():
-        print(("- " if args.markdown else "") + line)
-    print(
-        ("- " if args.markdown else "")
-        + f"load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s"
-    )
+    lines.append("peak memory: " + ("clear_refs + VmHWM" if memory else "not measured (clear_refs not writable)"))
+    return lines
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``--gradcam-detail``: the Grad-CAM detail; otherwise the race of all methods (``benchmarks.race``)."""
+# ------------------------------------------------------------------------------------------ main
+def race(argv: list[str] | None = None) -> str:
+    """Run the race; print (and with ``--markdown``, write) the report; return it."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--gradcam-detail" in argv:
-        detail([a for a in argv if a != "--gradcam-detail"])
-        return
-    from benchmarks.race import race  # imported late: it imports this module's helpers
-
-    race(argv)
+    args = parse(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    memory = can_reset_peak()
+    lines = ["- " + line for line in header(args, argv, memory)]
+    print("\n".join(lines), flush=True)
+    meter = Meter(memory)
+    share = Share()
+    results = []
+    for model_name in args.models:
+        results += race_model(model_name, args, meter)
+    busy = share.used()
+    text = "\n".join(
+        [
+            *lines,
+            "",
+            report(results, args),
+            "",
+            f"- load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s; this process "
+            f"used {busy:.0%} of {torch.get_num_threads()} thread(s) x wall time"
+            + (" (the CPUs were shared with other processes: timings are noisy)" if busy < BUSY else ""),
+        ]
+    )
+    print("\n" + text[len("\n".join(lines)) :].lstrip("\n"))
+    if args.markdown is not None:
+        write_report(args.markdown, "Speed: camfn against grad-cam and torchcam", text)
+    return text
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
-        main()
+    race()
