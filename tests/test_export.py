@@ -193,3 +193,17 @@ def test_aoti_package_on_a_tiny_model(net, inputs, tmp_path):
     output, maps = run(x, t)
     assert (maps - _eager(net, "gradcam", x, t)).abs().max() <= TOL
     assert torch.allclose(output, net(x), atol=TOL)
+
+
+def test_cli_writes_a_program_equal_to_eager(net, inputs, tmp_path, capsys, monkeypatch):
+    from camfn import cli
+
+    monkeypatch.setattr(cli, "load_model", lambda spec, weights=None: cli.Model(net, spec, size=16, layer=LAYER))
+    out = tmp_path / "cli" / "layercam.pt2"
+    assert cli.main(["export", "--model", "tiny", "--method", "layercam", "--out", str(out)]) == 0
+    assert "layercam" in capsys.readouterr().out
+    x, t = inputs["x3"], inputs["t3"]
+    output, maps = torch.export.load(out).module()(x, t)
+    assert (maps - _eager(net, "layercam", x, t)).abs().max() <= TOL and torch.allclose(output, net(x), atol=TOL)
+    assert cli.main(["export", "--model", "tiny", "--method", "gradcam,cam", "--out", str(out)]) == 2
+    assert "one method" in capsys.readouterr().err
