@@ -117,9 +117,9 @@ def _top1(output: Any, target: Tensor, selector: Any) -> Tensor:
 
 class _Program(nn.Module):
     """The model's parameters and buffers under the model's own keys, and ``forward(x, target)``: the
-    traced per-sample ``core`` mapped over the batch."""
+    traced ``core``, mapped over the batch when it was traced for one sample (``per_sample``)."""
 
-    def __init__(self, model: nn.Module, core: fx.GraphModule) -> None:
+    def __init__(self, model: nn.Module, core: fx.GraphModule, per_sample: bool) -> None:
         super().__init__()
         first: dict[int, str] = {}
         aliases: dict[str, str] = {}  # tied tensors: key -> the key that holds it
@@ -141,19 +141,25 @@ class _Program(nn.Module):
                     holder.register_buffer(name, value.detach())
         object.__setattr__(self, "_core", core)  # not a submodule: its tensors (noise) are constants
         object.__setattr__(self, "_aliases", aliases)
+        self.per_sample = per_sample
 
     def forward(self, x: Tensor, target: Tensor) -> Any:
-        keys = list(self.state_dict(keep_vars=True))
-        aliases: dict[str, str] = self._aliases
+        named = self.state_dict(keep_vars=True)
+        keys, aliases = list(named), self._aliases
+
+        def state(tensors: Sequence[Tensor]) -> Params:
+            by_key = dict(zip(keys, tensors, strict=True))
+            return {**by_key, **{key: by_key[held] for key, held in aliases.items()}}
+
+        if not self.per_sample:
+            return self._core(state(list(named.values())), x, target)
 
         def one(sample: tuple[Tensor, Tensor], *tensors: Tensor) -> Any:
-            state = dict(zip(keys, tensors, strict=True))
-            state.update({key: state[held] for key, held in aliases.items()})
             xi, ti = sample
-            output, maps = self._core(state, xi.unsqueeze(0), ti.unsqueeze(0))
+            output, maps = self._core(state(tensors), xi.unsqueeze(0), ti.unsqueeze(0))
             return torch.utils._pytree.tree_map(lambda t: t.squeeze(0), (output, maps))
 
-        return map_samples(one, (x, target), *self.state_dict(keep_vars=True).values())
+        return map_samples(one, (x, target), *named.values())
 
 
 def export(
@@ -163,6 +169,7 @@ def export(
     example_x: Tensor,
     *,
     package: str | Path | None = None,
+    batch: int | None = None,
     **options: Any,
 ) -> torch.export.ExportedProgram:
     """``method`` on ``model`` at ``layer`` as an ``ExportedProgram`` ``(x, target) -> (output, maps)``.
@@ -172,31 +179,40 @@ def export(
     method's maps, equal to ``method(model, camfn.params(model), x, layer, target, **options)``.
     Parameters and buffers are the program's state (``ep.state_dict``), not constants. Noise
     (``smooth_gradcampp``, ``sscam``) is drawn once from the int ``seed`` and baked in as constants.
-    ``package``: also write an AOTInductor package there (``torch._inductor.aoti_load_package(path)``
-    returns a callable of ``(x, target)``). Save the program with ``torch.export.save(ep, "maps.pt2")``.
+    ``batch``: ``None`` (any batch size; the program runs sample by sample) or an int (that batch size
+    only, one batched pass: faster on a CPU). ``package``: also write an AOTInductor package there
+    (``torch._inductor.aoti_load_package(path)`` returns a callable of ``(x, target)``). Save the program
+    with ``torch.export.save(ep, "maps.pt2")``.
     See the module docstring for how the value checks stay out of the program.
     """
     _check(method, model, example_x, options)
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise OptionError(f"batch={batch!r}: use None (any batch size) or a positive int (that batch size only)")
     p = params(model)
-    x1 = example_x[:1].detach()
+    example = example_x[:1].detach().expand(batch or 1, *example_x.shape[1:]).contiguous()
     noise: dict[tuple, Tensor] = {}
     with pinned(noise), torch.no_grad():  # every check, trace, rewrite and draw, once, eagerly
-        method(model, p, x1, layer, None, **options)
+        method(model, p, example, layer, None, **options)
     trace_options = {k: options[k] for k in _TRACE_OPTIONS if k in options}
 
     def core(state: Params, x: Tensor, target: Tensor) -> tuple[Any, Maps]:
         output = apply(model, state, x, **trace_options)
         return output, method(model, state, x, layer, _top1(output, target, options.get("output")), **options)
 
-    t1 = torch.zeros(1, dtype=torch.long, device=x1.device)
+    example_target = torch.zeros(example.shape[0], dtype=torch.long, device=example.device)
     with pinned(noise), tracing_for_export():
-        graph = make_fx(torch.func.functionalize(core), tracing_mode="fake", _allow_non_fake_inputs=True)(p, x1, t1)
+        fake = make_fx(torch.func.functionalize(core), tracing_mode="fake", _allow_non_fake_inputs=True)
+        graph = fake(p, example, example_target)
     graph = _shared_forward(graph)
-    batch = torch.export.Dim("batch", min=1)
-    x2, t2 = x1.expand(2, *x1.shape[1:]).contiguous(), t1.expand(2).contiguous()
-    program = torch.export.export(
-        _Program(model, graph), (x2, t2), dynamic_shapes={"x": {0: batch}, "target": {0: batch}}, strict=False
-    )
+    module = _Program(model, graph, per_sample=batch is None)
+    if batch is None:
+        dim = torch.export.Dim("batch", min=1)
+        x2, t2 = example.expand(2, *example.shape[1:]).contiguous(), example_target.expand(2).contiguous()  # not 1
+        program = torch.export.export(
+            module, (x2, t2), dynamic_shapes={"x": {0: dim}, "target": {0: dim}}, strict=False
+        )
+    else:
+        program = torch.export.export(module, (example, example_target), strict=False)
     if package is not None:
         torch._inductor.aoti_compile_and_package(program, package_path=str(package))
     program.example_inputs = None  # torch.export.save would pickle them (data/sample_inputs)
@@ -209,6 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="gradcam", help="the method (default gradcam)")
     parser.add_argument("--layer", help="layer to explain (default: the last spatial one)")
     parser.add_argument("--out", default="maps.pt2", help="the program file (default maps.pt2)")
+    parser.add_argument("--batch", type=int, help="a fixed batch size: one batched pass (default: any batch size)")
     parser.add_argument("--aoti", action="store_true", help="write an AOTInductor package instead (slow to compile)")
 
 
@@ -225,14 +242,21 @@ def command(args: argparse.Namespace) -> int:
     layer = args.layer or loaded.layer
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))  # for the checks and shapes
+    example_x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))  # for the checks and shapes
     program = export(
-        REGISTRY[names[0]], loaded.module, layer, example, package=out if args.aoti else None, hooks=loaded.hooks
+        REGISTRY[names[0]],
+        loaded.module,
+        layer,
+        example_x,
+        package=out if args.aoti else None,
+        batch=args.batch,
+        hooks=loaded.hooks,
     )
     if not args.aoti:
         torch.export.save(program, out)
     if not args.quiet:
         kind = "AOTInductor package" if args.aoti else "program"
         where = layer or "the default layer"
-        print(f"wrote {out}: {kind} of {names[0]} at {where}: (x (B, 3, {h}, {w}), target (B,)) -> (output, maps)")
+        b = args.batch or "B"
+        print(f"wrote {out}: {kind} of {names[0]} at {where}: (x ({b}, 3, {h}, {w}), target ({b},)) -> (output, maps)")
     return 0

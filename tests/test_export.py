@@ -147,6 +147,18 @@ def test_state_is_lifted_not_constant(net, inputs, saved):
     assert (maps - camfn.gradcam(other, camfn.params(other), x, LAYER, t)).abs().max() <= TOL
 
 
+def test_fixed_batch_is_one_batched_pass(net, inputs):
+    x, t = inputs["x3"], inputs["t3"]
+    program = camfn.export(camfn.xgradcam, net, LAYER, x, batch=3)
+    assert not any("map_impl" in str(n.target) for n in program.graph.nodes)  # no per-sample loop
+    output, maps = program.module()(x, t)
+    assert (maps - _eager(net, "xgradcam", x, t)).abs().max() <= TOL and torch.allclose(output, net(x), atol=TOL)
+    with pytest.raises(Exception, match="3"):  # torch.export's own shape guard
+        program.module()(inputs["x1"], inputs["t1"])
+    with pytest.raises(OptionError, match="positive int"):
+        camfn.export(camfn.xgradcam, net, LAYER, x, batch=0)
+
+
 def test_noise_is_baked_in_as_constants(saved):
     _, programs = saved
     assert len(programs["sscam"].constants) == NOISY["sscam"]["n"]
