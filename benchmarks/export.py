@@ -7,10 +7,11 @@ Run from the repository root::
 
 For each method: the export time (eager checks + ``make_fx`` + ``torch.export``), the AOTInductor compile
 time (``torch._inductor.aoti_compile_and_package``: minutes for a ResNet on a CPU), then ``--repeats``
-rounds in which eager camfn, the exported program (``ep.module()``, as ``torch.export.load`` gives it) and
-the AOTInductor package run back to back on the same batch; medians and the median of the per-round
-ratios (paired) are reported, with each program's max abs difference from the eager maps. Random
-weights, eval mode. Nothing is asserted.
+rounds in which eager camfn, the exported program (``ep.module()``, as ``torch.export.load`` gives it;
+any batch size), the program exported for the fixed batch size (``batch=B``: one batched pass) and the
+AOTInductor package run back to back on the same batch; medians and the median of the per-round ratios
+(paired) are reported, with each program's max abs difference from the eager maps. Random weights, eval
+mode. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def bench(args: argparse.Namespace, method_name: str, folder: str) -> dict[str, 
     result["export_s"], program = _timed(lambda: camfn.export(method, model, args.layer, x[:1]))
     module = program.module()
     contenders["exported"] = lambda: module(x, target)[1]
+    fixed = camfn.export(method, model, args.layer, x[:1], batch=args.batch).module()
+    contenders["fixed"] = lambda: fixed(x, target)[1]
     if package is not None:
         result["aoti_s"], _ = _timed(lambda: camfn.export(method, model, args.layer, x[:1], package=package))
         result["aoti_s"] -= result["export_s"]
@@ -97,11 +100,12 @@ def main(argv: list[str] | None = None) -> str:
         f"- {args.model} (random weights, eval), layer {args.layer}, batch {args.batch}, {args.size} px, float32, "
         f"median of {args.repeats} round-robin repeats after one untimed call each",
         "- eager: `camfn.<method>(model, params, x, layer, target)`; exported: `camfn.export(...).module()`, "
-        "the program `torch.export.load` returns; aoti: the AOTInductor package (`aoti_load_package`)",
+        "the program `torch.export.load` returns (any batch size, sample by sample); fixed batch: "
+        f"`camfn.export(..., batch={args.batch})`; aoti: the any-batch program as an AOTInductor package",
         "",
-        "| method | export (s) | AOTI compile (s) | eager (s) | exported (s) | aoti (s) | eager/exported (paired) "
-        "| eager/aoti (paired) | max diff exported / aoti |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | export (s) | AOTI compile (s) | eager (s) | exported (s) | fixed batch (s) | aoti (s) "
+        "| eager/exported (paired) | eager/fixed (paired) | eager/aoti (paired) | max diff exported / fixed / aoti |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as folder:
@@ -118,10 +122,12 @@ def main(argv: list[str] | None = None) -> str:
                 cell(f"{r.get('aoti_s', 0):.0f}", "aoti"),
                 f"{med['eager']:.3f}",
                 f"{med['exported']:.3f}",
+                f"{med['fixed']:.3f}",
                 cell(f"{med.get('aoti', 0):.3f}", "aoti"),
                 f"{med['eager'] / med['exported']:.2f}x ({paired['exported']:.2f}x)",
+                f"{med['eager'] / med['fixed']:.2f}x ({paired['fixed']:.2f}x)",
                 cell(f"{med['eager'] / med.get('aoti', 1):.2f}x ({paired.get('aoti', 0):.2f}x)", "aoti"),
-                f"{diff['exported']:.1e} / " + cell(f"{diff.get('aoti', 0):.1e}", "aoti"),
+                f"{diff['exported']:.1e} / {diff['fixed']:.1e} / " + cell(f"{diff.get('aoti', 0):.1e}", "aoti"),
             ]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
