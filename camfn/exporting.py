@@ -63,8 +63,8 @@ _TRACE_OPTIONS = ("tracer", "hooks", "tracer_options", "model_kwargs")
 
 
 def _check(method: Method, model: object, example_x: object, options: dict[str, Any]) -> None:
-    name = getattr(getattr(method, "spec", None), "name", None)
-    if name is None or REGISTRY.get(name) is not method:
+    name = getattr(method, "__name__", None)
+    if not isinstance(name, str) or REGISTRY.get(name) is not method:
         got = getattr(method, "__name__", type(method).__name__)
         raise InputError(f"camfn.export needs a method of camfn.METHODS (e.g. camfn.gradcam), got {got!r}")
     if not isinstance(model, nn.Module):
