@@ -21,6 +21,7 @@ from torch import nn
 
 import camfn
 from camfn.errors import InputError, OptionError
+from camfn.files import check_exported
 
 OPTIONS = {  # small settings of the slow methods
     "smooth_gradcampp": {"n": 2, "seed": 3},
@@ -211,6 +212,7 @@ def test_archive_holds_no_pickle(saved):
             data = entries[key]
             assert key.endswith(".json") or len(data) <= 64, (name, key)
             assert not data.startswith((b"\x80", b"PK")), (name, key)  # no pickle, no nested torch.save zip
+        check_exported((folder / f"{name}.pt2").read_bytes(), f"{name}.pt2")  # camfn's own loader accepts it
 
 
 def test_bad_calls_raise_clear_errors(net, inputs):
