@@ -231,7 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command(args: argparse.Namespace) -> int:
     """``camfn export``: write the program ``(x, target) -> (output, maps)`` of one method to ``--out``."""
-    from .cli import load_model, parse_methods
+    from .cli import parse_methods
+    from .zoo import load_model
 
     names = parse_methods(args.method)
     if len(names) != 1:

@@ -238,9 +238,9 @@ def test_aoti_package_on_a_tiny_model(net, inputs, tmp_path):
 
 
 def test_cli_writes_a_program_equal_to_eager(net, inputs, tmp_path, capsys, monkeypatch):
-    from camfn import cli
+    from camfn import cli, zoo
 
-    monkeypatch.setattr(cli, "load_model", lambda spec, weights=None: cli.Model(net, spec, size=16, layer=LAYER))
+    monkeypatch.setattr(zoo, "load_model", lambda spec, weights=None: zoo.Model(net, spec, size=16, layer=LAYER))
     out = tmp_path / "cli" / "layercam.pt2"
     assert cli.main(["export", "--model", "tiny", "--method", "layercam", "--out", str(out)]) == 0
     assert "layercam" in capsys.readouterr().out
