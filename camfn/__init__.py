@@ -20,6 +20,7 @@ from .cut import Cut
 from .driver import method
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
 from .evaluation import evaluate
+from .exporting import export
 from .layer_names import LayerInfo, default_layer, layers
 from .methods import METHODS, guided_backprop, guided_gradcam
 from .postprocess import fuse
@@ -47,6 +48,7 @@ __all__ = [
     "default_layer",
     "errors",
     "evaluate",
+    "export",
     "fuse",
     "hooks",
     "graph_breaks",

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import targets, viz
+from . import exporting, targets, viz
 from .errors import CamfnError, InputError, OptionError, nearest
 from .evaluation import DEFAULT_METRICS
 from .files import check_folder
@@ -533,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``camfn`` (sub-commands ``explain``, ``eval``, ``layers``, ``methods``)."""
     parser = argparse.ArgumentParser(prog="camfn", description="Class activation maps (Grad-CAM family) for PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of unexpected failures")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods,app}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{explain,eval,layers,methods,app,export}")
 
     def model_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--model", default="shapes", help="shapes (default), a torchvision or timm name, or a .pt2 file")
@@ -596,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .app import add_parser as add_app_parser  # camfn app: the web explorer (extra camfn[app])
 
     add_app_parser(sub)
+
+    xp = sub.add_parser("export", help="write a .pt2 program (x, target) -> (output, maps) (camfn.export)")
+    model_options(xp)
+    exporting.add_arguments(xp)
+    xp.set_defaults(run=exporting.command)
     return parser
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import OptionError
+from .runtime import exporting
 
 __all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned"]
 
@@ -67,7 +68,7 @@ def gaussians(
         >>> bool((first == gaussian((3,), 1.0, seed=5)).all()), bool((first == second).all())
         (True, False)
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or exporting():
         for i in range(n):
             yield _replay((tuple(shape), std, seed, i, dtype, str(device)))
         return

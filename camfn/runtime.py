@@ -14,20 +14,44 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "eager", "in_transform", "peek"]
+__all__ = ["concrete", "eager", "exporting", "in_transform", "peek", "tracing_for_export"]
+
+_EXPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("camfn_exporting", default=False)
+
+
+@contextlib.contextmanager
+def tracing_for_export() -> Iterator[None]:
+    """Within: a method is being traced into a program (:func:`camfn.export`). Values are never concrete
+    (value checks are skipped: they ran eagerly on the example first), impure fast paths are off, and
+    noise is replayed from :func:`camfn.noise.pinned` as inside ``torch.compile``."""
+    token = _EXPORTING.set(True)
+    try:
+        yield
+    finally:
+        _EXPORTING.reset(token)
+
+
+def exporting() -> bool:
+    """True inside :func:`tracing_for_export`."""
+    return _EXPORTING.get()
 
 
 def in_transform() -> bool:
-    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jvp``)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    """True inside a ``torch.func`` transform (``vmap``, ``grad``, ``vjp``, ``jvp``) or an export trace."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or exporting()
 
 
 def concrete(t: Tensor) -> bool:
-    """True when ``t``'s values may be read (not a functorch wrapper, not inside ``torch.compile``)."""
-    if torch.compiler.is_compiling():
+    """True when ``t``'s values may be read (not a functorch wrapper, not inside ``torch.compile`` or an
+    export trace)."""
+    if torch.compiler.is_compiling() or exporting():
         return False
     return not torch._C._functorch.is_functorch_wrapped_tensor(t)
 
@@ -39,8 +63,8 @@ def eager() -> bool:
 
 def peek(t: Tensor) -> Tensor | None:
     """``t``'s values as a plain tensor for a read-only check, also inside ``torch.func`` transforms (a
-    ``vmap``-ped tensor gives all its members); ``None`` inside ``torch.compile``."""
-    if torch.compiler.is_compiling():
+    ``vmap``-ped tensor gives all its members); ``None`` inside ``torch.compile`` and export traces."""
+    if torch.compiler.is_compiling() or exporting():
         return None
     while torch._C._functorch.is_functorch_wrapped_tensor(t):
         t = torch._C._functorch.get_unwrapped(t)
