@@ -23,6 +23,7 @@ from .evaluation import evaluate
 from .layer_names import LayerInfo, default_layer, layers
 from .methods import METHODS, guided_backprop, guided_gradcam
 from .postprocess import fuse
+from .prediction import explain_prediction
 from .tracing import apply, params
 
 globals().update(METHODS)
@@ -47,6 +48,7 @@ __all__ = [
     "default_layer",
     "errors",
     "evaluate",
+    "explain_prediction",
     "fuse",
     "hooks",
     "graph_breaks",
