@@ -10,6 +10,7 @@ back (JSON and ``.npy`` without pickle: nothing in it can execute code).
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import io
 from collections.abc import Mapping, Sequence
@@ -53,6 +54,12 @@ class Prediction:
 
 
 def _version(package: str) -> str | None:
+    """A package's version as it reports it (``torch.__version__``: with its build tag), None if absent."""
+    if package != "camfn":
+        try:
+            return str(importlib.import_module(package).__version__)
+        except ImportError:
+            return None
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
