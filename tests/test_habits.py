@@ -302,6 +302,9 @@ def test_cam_refuses_a_non_1x1_conv_head(x: Tensor) -> None:
     model = _f64(ConvHead(False, kernel=3), 7)
     with pytest.raises(LayerError, match="1x1-convolution"):
         camfn.cam(model, camfn.params(model), x, "act", 1)
+    dense = _f64(nn.Sequential(SegNet(), nn.Flatten()), 3)  # a 1x1 conv, no pooling: per-pixel outputs
+    with pytest.raises(LayerError, match="1x1-convolution"):
+        camfn.cam(dense, camfn.params(dense), x, "0.relu", 1)
 
 
 # ------------------------------------------------------------------------------- explain_prediction

@@ -56,15 +56,23 @@ def _is_relu(traced: Traced, node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and name in ("relu", "relu_")
 
 
+def _pools(traced: Traced, node: fx.Node) -> bool:
+    """Spatial averaging (the global pooling of a convolutional head)."""
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), _POOL_MODULES[:6])
+    return getattr(node.target, "__name__", node.target) in ("mean", "adaptive_avg_pool2d", "avg_pool2d")
+
+
 def _conv_classifier(traced: Traced, output: fx.Node | None, layer: str) -> str | None:
     """A squeezenet-style head: ``layer -> (dropout) -> conv 1x1 -> (ReLU) -> global pool -> (flatten)``.
 
     Returns the 1x1 convolution's module path, or ``None`` where the head has another form.
     """
-    node = output
+    node, pooled = output, False
     while node is not None and (_passes_through(traced, node) or _is_relu(traced, node)):
+        pooled = pooled or _pools(traced, node)
         node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if node is None or node.op != "call_module":
+    if node is None or node.op != "call_module" or not pooled:  # no pooling: a dense (segmentation) head
         return None
     conv = traced.module.get_submodule(node.target)
     if not isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d) or conv.groups != 1:
