@@ -201,6 +201,10 @@ def test_target_list_errors(net: nn.Module, x: Tensor) -> None:
         camfn.cam(net, p, x, "act", [ClassifierOutputTarget(3)] * 2)
     with pytest.raises(TargetError, match="class indices"):
         targets.classes([ClassifierOutputTarget(3)] * 2, 2, 5)
+    with pytest.raises(TargetError, match="output="):  # a dict output: per-sample targets need the batched part
+        targets.per_sample([ClassifierOutputTarget(3)] * 2)({"out": torch.zeros(2, 5)})
+    picked = targets.scores([ClassifierOutputTarget(3)] * 2, 2, None, output="out")({"out": torch.eye(5)[:2] + 1})
+    assert picked.tolist() == [1.0, 1.0]
     assert isinstance(TargetError("x"), ValueError)
 
 
