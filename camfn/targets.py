@@ -570,9 +570,10 @@ def is_callable(target: object) -> bool:
     return (callable(target) and not isinstance(target, Tensor)) or is_per_sample(target)
 
 
-def _sample(output: Any, b: int) -> Any:
+def _sample(output: Any, b: int | None) -> Any:
+    """Sample ``b`` of a batched output (``None``: only check that it has a batch to index)."""
     if isinstance(output, Tensor | list | tuple):
-        return output[b]
+        return output if b is None else output[b]
     raise TargetError(
         f"per-sample targets index the model's output by sample, but it is a {type(output).__name__}; "
         "select the batched part with the output= option (a key, an attribute such as 'logits', or an index)"
@@ -607,7 +608,8 @@ def per_sample(targets: Callable[[Any], Tensor] | Sequence[Callable[[Any], Tenso
         )
 
     def score(output: Any) -> Tensor:
-        n = len(output) if isinstance(output, list | tuple) else output.shape[0] if isinstance(output, Tensor) else 0
+        _sample(output, None)  # refuses an output that has no batch axis to index
+        n = len(output) if isinstance(output, list | tuple) else output.shape[0]
         if fns is not None and len(fns) != n:
             raise TargetError(
                 f"the target list has {len(fns)} callable(s) but the batch has {n} sample(s); pass one target per "
