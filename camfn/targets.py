@@ -572,7 +572,7 @@ def is_callable(target: object) -> bool:
 
 def _sample(output: Any, b: int | None) -> Any:
     """Sample ``b`` of a batched output (``None``: only check that it has a batch to index)."""
-    if isinstance(output, Tensor | list | tuple):
+    if (isinstance(output, Tensor) and output.ndim > 0) or isinstance(output, list | tuple):
         return output if b is None else output[b]
     raise TargetError(
         f"per-sample targets index the model's output by sample, but it is a {type(output).__name__}; "
