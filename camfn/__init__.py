@@ -24,6 +24,7 @@ from .exporting import export
 from .layer_names import LayerInfo, default_layer, layers
 from .methods import METHODS, guided_backprop, guided_gradcam
 from .postprocess import fuse
+from .prediction import explain_prediction
 from .tracing import apply, params
 
 globals().update(METHODS)
@@ -48,6 +49,7 @@ __all__ = [
     "default_layer",
     "errors",
     "evaluate",
+    "explain_prediction",
     "export",
     "fuse",
     "hooks",

@@ -56,7 +56,7 @@ from .postprocess import finish, first_component, normalize
 from .pullback import activations, channels_last, gradients
 from .rewrite import HeadTail, cut_after, inject
 from .runtime import concrete, in_transform
-from .targets import Output, Target, fixed, pick, resolve, scores
+from .targets import Output, Target, fixed, is_callable, is_per_sample, pick, resolve, scores
 from .targets import classes as target_classes
 from .tracing import Model, Params, Traced, traced
 
@@ -101,7 +101,7 @@ class _Call:
 
     @property
     def target_is_callable(self) -> bool:
-        return callable(self.target) and not isinstance(self.target, Tensor)
+        return is_callable(self.target)
 
     def classes(self) -> Tensor:
         """The target as class indices ``(B, T)`` (``None``: the clean top-1 class), via :mod:`camfn.targets`."""
@@ -560,6 +560,8 @@ def _augmented(
         target = resolve(None, trace.program()(params, x), opts["output"])
     if isinstance(target, Tensor):
         target = target.repeat(n, *([1] * (target.ndim - 1)))
+    elif is_per_sample(target) and isinstance(target, list | tuple):
+        target = list(target) * n  # one list per variant, as grad-cam calls its targets on each
     xs = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in VARIANTS])
     inner = {**opts, "aug_smooth": False}
     maps = explain(spec, model, params, xs, layer, target, inner)

@@ -3,15 +3,16 @@
 A target becomes a *score function* ``output -> (B, T)``: ``T`` scores per sample, all from one forward
 pass. Accepted forms:
 
-=====================  ==========================================  ===============
-``target``             score                                       map shape
-=====================  ==========================================  ===============
-``None``               logit of the top-1 class of each sample     ``(B, H, W)``
-``int c``              ``output[:, c]``                            ``(B, H, W)``
-``(B,)`` long tensor   ``output[b, t_b]``                          ``(B, H, W)``
-``(B, T)`` long        ``output[b, t_bj]`` for each ``j``          ``(B, T, H, W)``
-callable               ``fn(output)``, shape ``(B,)`` or ``(B, T)``  as its shape
-=====================  ==========================================  ===============
+=======================  ============================================  ===============
+``target``               score                                         map shape
+=======================  ============================================  ===============
+``None``                 logit of the top-1 class of each sample       ``(B, H, W)``
+``int c``                ``output[:, c]``                              ``(B, H, W)``
+``(B,)`` long tensor     ``output[b, t_b]``                            ``(B, H, W)``
+``(B, T)`` long          ``output[b, t_bj]`` for each ``j``            ``(B, T, H, W)``
+callable                 ``fn(output)``, shape ``(B,)`` or ``(B, T)``  as its shape
+list of ``B`` callables  ``fn_b(output[b])`` (grad-cam's targets)      ``(B, H, W)``
+=======================  ============================================  ===============
 
 Selection uses ``gather`` so it works under ``torch.func.vmap`` (no ``.item()``).
 
@@ -46,12 +47,16 @@ from .runtime import concrete, peek
 __all__ = [
     "Output",
     "Target",
+    "binary",
     "classes",
     "concrete",
     "contrastive",
     "detection",
     "fixed",
+    "is_callable",
+    "is_per_sample",
     "logit",
+    "per_sample",
     "pick",
     "probability",
     "resolve",
@@ -236,8 +241,11 @@ def segmentation(c: int | Tensor, mask: Tensor | None = None) -> ScoreFn:
     return score
 
 
-def _box_score(found: Mapping[str, Tensor], boxes: Tensor, labels: Tensor, iou: float) -> Tensor:
-    """``sum_j`` score of the predicted box matching reference box ``j`` (same label, best IoU > ``iou``)."""
+def _box_score(
+    found: Mapping[str, Tensor], boxes: Tensor, labels: Tensor, iou: float, with_iou: bool = False
+) -> Tensor:
+    """``sum_j`` score of the predicted box matching reference box ``j`` (same label, best IoU > ``iou``),
+    plus the match's IoU when ``with_iou``."""
     from torchvision.ops import box_iou
 
     scores = found["scores"]
@@ -248,11 +256,16 @@ def _box_score(found: Mapping[str, Tensor], boxes: Tensor, labels: Tensor, iou: 
     labels = labels.to(found["labels"].device).reshape(-1, 1)
     valid = (labels == found["labels"].reshape(1, -1)) & (overlap > iou)
     best = torch.where(valid, overlap, torch.full_like(overlap, -1)).argmax(1)
-    return torch.where(valid.any(1), scores[best], torch.zeros_like(scores[best])).sum()
+    matched = scores[best] + overlap.gather(1, best.reshape(-1, 1)).squeeze(1) if with_iou else scores[best]
+    return torch.where(valid.any(1), matched, torch.zeros_like(matched)).sum()
 
 
 def detection(
-    boxes: Tensor | Sequence[Tensor], labels: Tensor | Sequence[Tensor], iou: float = 0.5
+    boxes: Tensor | Sequence[Tensor],
+    labels: Tensor | Sequence[Tensor],
+    iou: float = 0.5,
+    *,
+    score: str = "score",
 ) -> Callable[[Any], Tensor]:
     r"""Target for torchvision detection outputs (a list of dicts with ``boxes``, ``labels``, ``scores``).
 
@@ -265,6 +278,11 @@ def detection(
     ``boxes`` (``(N, 4)``, ``x1, y1, x2, y2``) and ``labels`` (``(N,)``) are shared by the batch, or lists
     with one entry per image. Differentiable through the predicted scores.
 
+    ``score="iou+score"`` adds the match's IoU, :math:`s_{\mathrm{match}(j)} + \mathrm{IoU}(r_j, \mathrm{match}(j))`
+    (pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``; differentiable through the predicted boxes too). The
+    match rule stays camfn's: grad-cam takes the best IoU over boxes of *any* label and then requires the
+    label, so it finds no match where a box of another label overlaps more.
+
     Example:
         >>> import torch
         >>> from camfn.targets import detection
@@ -272,9 +290,14 @@ def detection(
         ...           "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}]
         >>> detection(torch.tensor([[1.0, 1, 10, 10], [20, 20, 30, 30]]), torch.tensor([1, 1]))(found)
         tensor([0.9000])
+        >>> detection(torch.tensor([[1.0, 1, 10, 10]]), torch.tensor([1]), score="iou+score")(found)
+        tensor([1.7100])
     """
+    if score not in ("score", "iou+score"):
+        raise TargetError(f"score={score!r}: use 'score' (the matched box's score) or 'iou+score' (grad-cam's)")
+    with_iou = score == "iou+score"
 
-    def score(output: Any) -> Tensor:
+    def box_scores(output: Any) -> Tensor:
         found = [output] if isinstance(output, Mapping) else output
         if not isinstance(found, Sequence) or not all(
             isinstance(f, Mapping) and {"boxes", "labels", "scores"} <= set(f) for f in found
@@ -291,12 +314,12 @@ def detection(
         ref = [(boxes[i], labels[i]) if per_image else (boxes, labels) for i in range(len(found))]
         return torch.stack(
             [
-                _box_score(f, torch.as_tensor(b), torch.as_tensor(lab), iou)
+                _box_score(f, torch.as_tensor(b), torch.as_tensor(lab), iou, with_iou)
                 for f, (b, lab) in zip(found, ref, strict=True)
             ]
         )
 
-    return score
+    return box_scores
 
 
 def similarity(reference: Tensor) -> ScoreFn:
@@ -392,6 +415,11 @@ def classes(
         return (lambda out: _check_logits(out, "index").argmax(1, keepdim=True)), True
     if isinstance(target, bool) or (isinstance(target, Tensor) and target.dtype == torch.bool):
         raise TargetError("target is a bool; pass a class index (int) or a long tensor of class indices")
+    if is_per_sample(target):
+        raise TargetError(
+            "this method needs class indices (None, an int, a (B,) or (B, T) long tensor), not per-sample target "
+            "callables; use a gradient method such as gradcam for those, or pass the classes as a tensor"
+        )
     if isinstance(target, int):
         _check_range(_as_index(target, "target class"), num_classes)
         return (lambda out: torch.full((out.shape[0], 1), target, dtype=torch.long, device=out.device)), True
@@ -437,6 +465,8 @@ def scores(target: Target, batch: int, num_classes: int | None, output: Output =
     the part of the model's output the target reads (:func:`pick`); ``num_classes`` is that part's width
     when known in advance (class indices are also checked against it on the first call).
     """
+    if is_per_sample(target):
+        target = per_sample(target)
     if callable(target) and not isinstance(target, Tensor):
         checked = _checked(target, batch)
         return checked if output is None else (lambda out: checked(pick(out, output)))
@@ -518,5 +548,115 @@ def counterfactual(c: int | Tensor | None = None) -> ScoreFn:
     def score(output: Tensor) -> Tensor:
         output = _logits(output, "counterfactual")
         return -output.gather(1, _class_index(c, output)).squeeze(1)
+
+    return score
+
+
+def _is_gradcam_target(target: object) -> bool:
+    """A target object of pytorch-grad-cam (``ClassifierOutputTarget`` & co.): called on one sample's output."""
+    return callable(target) and type(target).__module__.startswith("pytorch_grad_cam.")
+
+
+def is_per_sample(target: object) -> bool:
+    """Whether ``target`` is applied sample by sample: a list or tuple of callables (grad-cam's ``targets``),
+    or one of pytorch-grad-cam's own target objects (applied to every sample)."""
+    if isinstance(target, list | tuple):
+        return len(target) > 0 and all(callable(t) and not isinstance(t, Tensor) for t in target)
+    return _is_gradcam_target(target)
+
+
+def is_callable(target: object) -> bool:
+    """Whether ``target`` is a score callable (one for the batch, or per-sample ones), not class indices."""
+    return (callable(target) and not isinstance(target, Tensor)) or is_per_sample(target)
+
+
+def _sample(output: Any, b: int | None) -> Any:
+    """Sample ``b`` of a batched output (``None``: only check that it has a batch to index)."""
+    if (isinstance(output, Tensor) and output.ndim > 0) or isinstance(output, list | tuple):
+        return output if b is None else output[b]
+    raise TargetError(
+        f"per-sample targets index the model's output by sample, but it is a {type(output).__name__}; "
+        "select the batched part with the output= option (a key, an attribute such as 'logits', or an index)"
+    )
+
+
+def per_sample(targets: Callable[[Any], Tensor] | Sequence[Callable[[Any], Tensor]]) -> ScoreFn:
+    r"""Target from per-sample callables, as pytorch-grad-cam takes them: ``S_b = f_b(\mathrm{output}[b])``.
+
+    ``targets`` is a list of ``B`` callables, one per sample, each called on that sample's output without
+    the batch axis (``output[b]``: a ``(C,)`` logit vector, a ``(C, H, W)`` segmentation map, one image's
+    detection dict), e.g. ``[ClassifierOutputTarget(3), ClassifierOutputTarget(7)]``; or a single callable,
+    applied to every sample. Each must return one score (a float tensor with one element). A list whose
+    length is not the batch size is a :class:`~camfn.errors.TargetError` (grad-cam silently leaves the
+    missing samples' maps at zero). :func:`scores` applies this to any list of callables and to
+    pytorch-grad-cam's own target objects.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import per_sample
+        >>> per_sample([lambda y: y[0], lambda y: y[1] * 2])(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+        tensor([1., 8.])
+    """
+    if callable(targets) and not isinstance(targets, Tensor):
+        fns: tuple | None = None
+        one = targets
+    elif is_per_sample(targets):
+        fns, one = tuple(targets), None
+    else:
+        raise TargetError(
+            f"per_sample takes a callable or a non-empty list of callables (one per sample), got {targets!r}"
+        )
+
+    def score(output: Any) -> Tensor:
+        _sample(output, None)  # refuses an output that has no batch axis to index
+        n = len(output) if isinstance(output, list | tuple) else output.shape[0]
+        if fns is not None and len(fns) != n:
+            raise TargetError(
+                f"the target list has {len(fns)} callable(s) but the batch has {n} sample(s); pass one target per "
+                "sample (e.g. [ClassifierOutputTarget(c)] * len(x)), or one callable for the whole batch"
+            )
+        values = []
+        for b in range(n):
+            fn = one if fns is None else fns[b]
+            s = fn(_sample(output, b))
+            if not isinstance(s, Tensor) or s.numel() != 1:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise TargetError(
+                    f"the target for sample {b} returned {got}; a per-sample target must return one score "
+                    "(e.g. output[c] of that sample's (C,) output)"
+                )
+            values.append(s.reshape(()))
+        if not values:
+            raise TargetError("per-sample targets need a batch of at least one sample")
+        return torch.stack(values)
+
+    return score
+
+
+def binary(c: int) -> ScoreFn:
+    r"""Target for a binary classifier with one logit ``(B, 1)`` (grad-cam's ``BinaryClassifierOutputTarget``).
+
+    .. math:: S_b = \begin{cases} y_b & c = 1 \\ -y_b & c = 0 \end{cases}
+
+    Class 1 is the positive logit; class 0 flips its sign (a high logit is evidence against class 0).
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import binary
+        >>> y = torch.tensor([[2.0], [-1.0]])
+        >>> binary(1)(y), binary(0)(y)
+        (tensor([ 2., -1.]), tensor([-2.,  1.]))
+    """
+    if isinstance(c, bool) or c not in (0, 1):
+        raise TargetError(f"binary({c!r}): the class of a single-logit classifier is 0 or 1")
+    sign = 1.0 if c == 1 else -1.0
+
+    def score(output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.ndim != 2 or output.shape[1] != 1:
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise TargetError(
+                f"binary needs one logit per sample, (B, 1), got {got}; for (B, C) logits use an int class target"
+            )
+        return sign * output[:, 0]
 
     return score

@@ -49,9 +49,48 @@ def _classifier(traced: Traced, layer: str) -> str:
     return found
 
 
+def _is_relu(traced: Traced, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), nn.ReLU)
+    name = getattr(node.target, "__name__", node.target)
+    return node.op in ("call_function", "call_method") and name in ("relu", "relu_")
+
+
+def _pools(traced: Traced, node: fx.Node) -> bool:
+    """Spatial averaging (the global pooling of a convolutional head)."""
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), _POOL_MODULES[:6])
+    return getattr(node.target, "__name__", node.target) in ("mean", "adaptive_avg_pool2d", "avg_pool2d")
+
+
+def _conv_classifier(traced: Traced, output: fx.Node | None, layer: str) -> str | None:
+    """A squeezenet-style head: ``layer -> (dropout) -> conv 1x1 -> (ReLU) -> global pool -> (flatten)``.
+
+    Returns the 1x1 convolution's module path, or ``None`` where the head has another form.
+    """
+    node, pooled = output, False
+    while node is not None and (_passes_through(traced, node) or _is_relu(traced, node)):
+        pooled = pooled or _pools(traced, node)
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if node is None or node.op != "call_module" or not pooled:  # no pooling: a dense (segmentation) head
+        return None
+    conv = traced.module.get_submodule(node.target)
+    if not isinstance(conv, nn.Conv1d | nn.Conv2d | nn.Conv3d) or conv.groups != 1:
+        return None
+    if any(k != 1 for k in conv.kernel_size) or any(s != 1 for s in conv.stride):
+        return None
+    step = node.args[0]
+    while isinstance(step, fx.Node) and step.name != layer and _passes_through(traced, step):
+        step = step.args[0]
+    return str(node.target) if isinstance(step, fx.Node) and step.name == layer else None
+
+
 def _find_classifier(traced: Traced, layer: str) -> str:
     output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
     node = output if isinstance(output, fx.Node) else None
+    conv = _conv_classifier(traced, node, layer)
+    if conv is not None:
+        return conv
     while node is not None and node.op == "call_module" and _passes_through(traced, node):
         node = node.args[0]  # dropout / identity after the classifier
     why = "the model's output is not produced by an nn.Linear"
@@ -69,7 +108,8 @@ def _find_classifier(traced: Traced, layer: str) -> str:
         why = f"{between!r} stands between the layer and the classifier {fc!r}"
     raise LayerError(
         f"cam needs the layer to be followed only by global average pooling (and flatten/dropout) and the final "
-        f"linear classifier; here {why}. Use gradcam (equal to cam on such models), or pass fc='path.of.linear' "
+        "linear classifier (or a 1x1-convolution classifier, ReLU and global pooling); "
+        f"here {why}. Use gradcam (equal to cam on such models), or pass fc='path.of.linear' "
         "to use that layer's weights anyway"
     )
 
@@ -92,6 +132,10 @@ def cam(at: Layer) -> Tensor:
     module path), read from ``params``. Bias and the pooling factor do not change the normalised map, so
     on such a model ``cam`` equals ``gradcam``. Targets are class indices (``None``: the top-1 class).
 
+    A 1x1-convolution classifier followed by global pooling (squeezenet: ``Conv2d(K, C, 1) -> ReLU ->
+    AdaptiveAvgPool2d(1)``) is found too and its weight ``(C, K, 1, 1)`` read as ``W`` (as torchcam does;
+    with the ReLU in the head, ``cam`` is then CAM's linear approximation, not equal to ``gradcam``).
+
     Example:
         >>> import torch, torchvision, camfn
         >>> model = torchvision.models.resnet18().eval()
@@ -104,6 +148,8 @@ def cam(at: Layer) -> Tensor:
     path = at.options["fc"] or _classifier(call.trace, at.node)
     key = f"{path}.weight"
     weight = call.params[key] if key in call.params else call.trace.defaults.get(key)
+    if weight is not None and weight.ndim > 2 and all(n == 1 for n in weight.shape[2:]):
+        weight = weight.flatten(1)  # a 1x1-convolution classifier (classes, K, 1, 1)
     k = at.a.shape[2]
     if weight is None or weight.ndim != 2 or weight.shape[1] != k:
         got = None if weight is None else tuple(weight.shape)

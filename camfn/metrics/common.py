@@ -167,7 +167,7 @@ def scorer(
             "(a (B,) tensor) for each t"
         )
     batch = x.shape[0]
-    is_callable = callable(target) and not isinstance(target, Tensor)
+    is_callable = _targets.is_callable(target)
     with torch.no_grad():
         out = apply(model, params, x, hooks=hooks)
     logits = isinstance(out, Tensor) and out.ndim == 2
