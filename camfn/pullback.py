@@ -30,7 +30,7 @@ from torch.func import vjp, vmap
 
 from .errors import TargetError
 from .rewrite import Injected
-from .runtime import in_transform
+from .runtime import eager, in_transform
 
 __all__ = ["Gradients", "activations", "channels_last", "gradients", "zeros"]
 
@@ -61,18 +61,19 @@ class Gradients(NamedTuple):
 def gradients(injected: Injected, p: Params, x: Tensor, score: Any) -> Gradients:
     """Activations and ``dS/dA`` at every layer of ``injected`` for every column of ``score(output)``.
 
-    ``score(output)`` returns ``(B,)`` (one target per sample: ``squeeze`` is True) or ``(B, T)``.
+    ``score(output)`` returns ``(B,)`` (one target per sample: ``squeeze`` is True) or ``(B, T)``. Outside
+    every transform and ``torch.compile`` the pullback is plain autograd on the zero perturbations (the same
+    numbers as ``torch.func.vjp`` with less per-op dispatch); inside them, ``torch.func.vjp``.
     """
+    if eager():
+        return _autograd(injected, p, x, score)
 
     def f(*deltas: Tensor) -> tuple[Tensor, tuple[Any, tuple[Tensor, ...]]]:
         output, acts = injected.program(p, x, *deltas)
         return score(output), (output, acts)
 
     s, pull, (output, acts) = vjp(f, *zeros(injected, x), has_aux=True)
-    if not isinstance(s, Tensor) or s.ndim not in (1, 2) or s.shape[0] != x.shape[0]:
-        raise TargetError(f"the target gave scores of shape {getattr(s, 'shape', type(s))}; expected (B,) or (B, T)")
-    if not s.is_floating_point():
-        raise TargetError(f"the target returned {s.dtype} scores; a score must be a float tensor (differentiable)")
+    _check_scores(s, x)
     squeeze = s.ndim == 1
     if squeeze:
         grads = tuple(g.unsqueeze(1) for g in pull(torch.ones_like(s)))
@@ -82,6 +83,45 @@ def gradients(injected: Injected, p: Params, x: Tensor, score: Any) -> Gradients
         cotangents = eye[:, None, :].expand(s.shape[1], s.shape[0], s.shape[1])
         grads = tuple(g.movedim(0, 1) for g in vmap(pull)(cotangents))
     return Gradients(output, tuple(acts), grads, s, squeeze)
+
+
+def _check_scores(s: Any, x: Tensor) -> None:
+    if not isinstance(s, Tensor) or s.ndim not in (1, 2) or s.shape[0] != x.shape[0]:
+        raise TargetError(f"the target gave scores of shape {getattr(s, 'shape', type(s))}; expected (B,) or (B, T)")
+    if not s.is_floating_point():
+        raise TargetError(f"the target returned {s.dtype} scores; a score must be a float tensor (differentiable)")
+
+
+def _autograd(injected: Injected, p: Params, x: Tensor, score: Any) -> Gradients:
+    """:func:`gradients` by ``torch.autograd.grad``; the maps stay differentiable when ``x`` or ``p`` require
+    grad (``create_graph``), and nothing else keeps a graph."""
+    graph = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in p.values()))
+    with torch.enable_grad():
+        deltas = tuple(z.requires_grad_() for z in zeros(injected, x))
+        output, acts = injected.program(p, x, *deltas)
+        s = score(output)
+        _check_scores(s, x)
+        if not s.requires_grad:  # the score does not depend on the layer at all
+            grads = tuple(torch.zeros_like(d) for d in deltas)
+        elif s.ndim == 1:
+            grads = torch.autograd.grad(s.sum(), deltas, create_graph=graph, allow_unused=True)
+        else:
+            eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
+            cotangents = eye[:, None, :].expand(s.shape[1], s.shape[0], s.shape[1])
+            grads = torch.autograd.grad(
+                s, deltas, cotangents, create_graph=graph, allow_unused=True, is_grads_batched=True
+            )
+            grads = tuple(g if g is None else g.movedim(0, 1) for g in grads)
+    squeeze = s.ndim == 1
+    shaped = tuple(
+        (torch.zeros_like(d) if g is None else g).reshape(d.shape[0], -1, *d.shape[1:])
+        for g, d in zip(grads, deltas, strict=True)
+    )
+    if not graph:
+        output = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
+        s, acts = s.detach(), tuple(a.detach() for a in acts)
+        shaped = tuple(g.detach() for g in shaped)
+    return Gradients(output, tuple(acts), shaped, s.unsqueeze(1) if squeeze else s, squeeze)
 
 
 def channels_last(p: Params) -> Params:

@@ -347,11 +347,17 @@ def _cached(model: Any, key: tuple, stamp: tuple, build: Callable[[], Traced]) -
 
 
 # ---------------------------------------------------------------------------------------- torch.fx
+_TRACED_THROUGH = {"Conv2dNormActivation", "Conv3dNormActivation", "SqueezeExcitation", "MLP", "Permute"}
+"""torchvision.ops blocks that are plain containers: traced through (their layers can be picked and their
+calls become functional, no private copy per call). The other torchvision.ops modules (RoI pooling, FPN,
+stochastic depth, drop-block) stay leaves."""
+
+
 def _leaf_ops() -> list[type]:
     return [
         obj
-        for obj in vars(torchvision.ops).values()
-        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj is not nn.Module
+        for name, obj in vars(torchvision.ops).items()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj is not nn.Module and name not in _TRACED_THROUGH
     ]
 
 
