@@ -20,7 +20,7 @@ import torch
 
 from .errors import OptionError
 
-__all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned"]
+__all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned", "uniform"]
 
 Seed = int | torch.Generator
 
@@ -79,6 +79,35 @@ def gaussians(
         if _PINNED is not None and not isinstance(seed, torch.Generator):
             _PINNED[(tuple(shape), std, seed, i, dtype, str(device))] = out
         yield out
+
+
+def uniform(
+    shape: Sequence[int],
+    low: float,
+    high: float,
+    seed: Seed,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``U(low, high)`` draws of ``shape`` from ``seed``, on the CPU, replayed inside ``torch.compile`` like
+    :func:`gaussian` (recorded under :func:`pinned`).
+
+    Example:
+        >>> from camfn.noise import uniform
+        >>> w = uniform((1000,), -1.0, 1.0, seed=3)
+        >>> bool((w == uniform((1000,), -1.0, 1.0, seed=3)).all()), bool(w.min() >= -1), bool(w.max() < 1)
+        (True, True, True)
+    """
+    key = (tuple(shape), ("uniform", low, high), seed, 0, dtype, str(device))  # seed at index 2, as gaussians'
+    if torch.compiler.is_compiling():
+        return _replay(key)
+    with torch._C._DisableFuncTorch():
+        draw = torch.rand(tuple(shape), generator=generator(seed), dtype=torch.float32)
+    out = (low + (high - low) * draw).to(dtype=dtype, device=device)
+    if _PINNED is not None and not isinstance(seed, torch.Generator):
+        _PINNED[key] = out
+    return out
 
 
 # ------------------------------------------------------------------------------ noise under compile

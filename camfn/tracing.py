@@ -96,6 +96,7 @@ class Cache:
     inference: dict[tuple, Any] = field(default_factory=dict)  # input shape -> inference.Inference
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
+    biases: tuple | None = None  # fullgrad: (node, module path, BatchNorm eps or None) of each bias layer
 
 
 @dataclass
