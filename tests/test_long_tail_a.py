@@ -22,6 +22,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST, Classifie
 from torch import nn
 
 import camfn
+from camfn.methods.factorization import dff, nmf
 from camfn.postprocess import finish
 
 ATOL = 1e-4
@@ -316,3 +317,61 @@ def test_many_targets_vmap_compiled_layout(name, tiny):
     fast = camfn.compiled(f, net, "tanh", backend="eager")
     close(fast(p, x, t), many, 1e-10)
     close(f(net, p, x, "permute", t, layout="nhwc"), many, 1e-10)
+
+
+# ------------------------------------------------------------------------------------------------- dff
+def test_dff_reconstruction_within_5_percent_of_sklearn(resnet, x64):
+    from pytorch_grad_cam.feature_factorization.deep_feature_factorization import dff as gradcam_dff
+    from sklearn.decomposition import NMF
+
+    r = resnet
+    a = r.layer3(r.layer2(r.layer1(r.maxpool(r.relu(r.bn1(r.conv1(x64))))))).detach()
+    out = dff(r, camfn.params(r), x64, "layer3", n=5)
+    v0 = a.movedim(1, 0).reshape(a.shape[1], -1)
+    offset = v0.amin(1, keepdim=True)
+    sk = NMF(5, init="random", random_state=0).fit(v0 - offset)
+    assert out.error <= 1.05 * sk.reconstruction_err_
+    assert out.error >= 0.5 * sk.reconstruction_err_  # the same problem: not a different matrix
+    concepts, maps = gradcam_dff(a.numpy().copy(), n_components=5)  # grad-cam's conventions: W + offset
+    assert concepts.shape == tuple(out.concepts.shape) and maps.shape == (2, 5, 4, 4)
+    assert bool((out.concepts >= offset - 1e-12).all())
+    assert out.maps.shape == (2, 5, 64, 64) and bool((out.maps.amax((-1, -2)) == 1).all())
+    assert out.classes is None and out.scores is None
+    assert torch.equal(dff(r, camfn.params(r), x64, "layer3", n=5).maps, out.maps)  # seeded
+    with pytest.raises(camfn.OptionError, match="256 channels"):
+        dff(r, camfn.params(r), x64, "layer3", n=5, head=r.fc)
+    last = dff(r, camfn.params(r), x64, "layer4", n=3, head=r.fc, top_k=3)
+    top = r.fc(last.concepts.T).softmax(1).topk(3, dim=1)  # grad-cam: computation_on_concepts(concepts.T)
+    assert torch.equal(last.classes, top.indices)
+    close(last.scores, top.values.detach(), 1e-12)
+
+
+def test_nmf_recovers_a_planted_factorisation():
+    g = torch.Generator().manual_seed(0)
+    n = 4
+    w0 = torch.rand(20, n, generator=g, dtype=torch.float64) * (torch.rand(20, n, generator=g) < 0.5)
+    w0[:n] = 2 * torch.eye(n, dtype=torch.float64)  # separable: pure rows and columns make it unique
+    h0 = torch.rand(n, 100, generator=g, dtype=torch.float64) * (torch.rand(n, 100, generator=g) < 0.5)
+    h0[:, :n] = torch.eye(n, dtype=torch.float64)
+    w, h = nmf(w0 @ h0, n, seed=3)
+    assert torch.linalg.norm(w0 @ h0 - w @ h) < 1e-8 * torch.linalg.norm(w0 @ h0)
+    unit = lambda m: m / m.norm(dim=0, keepdim=True)  # noqa: E731
+    match = unit(w0).T @ unit(w)  # cosine between planted and found concepts
+    assert bool((match.amax(1) > 1 - 1e-8).all()) and sorted(match.argmax(1).tolist()) == list(range(n))
+
+
+def test_dff_errors_and_overlay(tiny):
+    net, p, x = tiny
+    with pytest.raises(camfn.LayerError, match="one layer"):
+        dff(net, p, x, ["tanh", "conv2"])
+    with pytest.raises(camfn.OptionError, match="head returned"):
+        dff(net, p, x, "tanh", n=2, head=lambda c: c.sum())
+    out = dff(net, p, x, "permute", n=2, layout="nhwc")
+    close(out.maps, dff(net, p, x, "tanh", n=2).maps, 1e-10)
+    pic = camfn.viz.concepts_overlay(x[0], out.maps[0], labels=["a", "b"], alpha=1.0)
+    assert pic.width >= 10 and pic.height > 10  # the legend is drawn under the picture
+    plain = camfn.viz.concepts_overlay(x[0], out.maps[0], alpha=1.0)
+    assert plain.size == (10, 10)
+    best = out.maps[0].argmax(0)
+    i, j = divmod(int(out.maps[0].amax(0).argmax()), 10)
+    assert plain.getpixel((j, i)) == ((255, 0, 0) if best[i, j] == 0 else (0, 255, 255))

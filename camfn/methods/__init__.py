@@ -6,9 +6,18 @@ from ..driver import REGISTRY as METHODS
 from . import gradient  # the registry lists the gradient family first
 
 # isort: split
-from . import activation, perturbation
+from . import activation, factorization, perturbation
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
 
-__all__ = ["METHODS", "activation", "gradient", "guided_backprop", "guided_gradcam", "perturbation", *METHODS]
+__all__ = [
+    "METHODS",
+    "activation",
+    "factorization",
+    "gradient",
+    "guided_backprop",
+    "guided_gradcam",
+    "perturbation",
+    *METHODS,
+]
