@@ -375,3 +375,29 @@ def test_dff_errors_and_overlay(tiny):
     best = out.maps[0].argmax(0)
     i, j = divmod(int(out.maps[0].amax(0).argmax()), 10)
     assert plain.getpixel((j, i)) == ((255, 0, 0) if best[i, j] == 0 else (0, 255, 255))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_bad_options_raise_clear_errors(tiny):
+    net, p, x = tiny
+    cases = [
+        (camfn.kpcacam, {"kernel": "laplace"}, "kernel='laplace'.*sigmoid"),
+        (camfn.kpcacam, {"gamma": 0}, "gamma=0.*> 0"),
+        (camfn.fullgrad, {"scaling": "layer"}, "scaling='layer'.*'paper'"),
+        (camfn.fem, {"k": float("nan")}, "k=nan.*finite"),
+        (camfn.randomcam, {"seed": "one"}, "seed='one'.*Generator"),
+        (camfn.sobel, {"norm": "l3"}, "norm='l3'.*'l1'"),
+    ]
+    for fn, opts, message in cases:
+        with pytest.raises(camfn.OptionError, match=message):
+            fn(net, p, x, "tanh", **opts)
+    with pytest.raises(camfn.OptionError, match="non-negative"):
+        nmf(-torch.ones(3, 4), 2)
+    with pytest.raises(camfn.OptionError, match="positive number of components"):
+        nmf(torch.ones(3, 4), 0)
+
+
+def test_fullgrad_needs_fx_modules(tiny):
+    net, p, x = tiny
+    with pytest.raises(camfn.LayerError, match="tracer='fx'"):
+        camfn.fullgrad(net, p, x, "tanh", 1, tracer="export")

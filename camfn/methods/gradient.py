@@ -240,15 +240,15 @@ def pull_targets(pull: Callable[[Tensor], tuple[Tensor, ...]], s: Tensor) -> tup
 def gradient_and_hvp(at: Layer) -> tuple[Tensor, Tensor]:
     """``G = dS/dA`` and ``H A`` (``(B, T, K, *s)``, map frame) by one ``jvp`` of the pullback at the layer.
 
-    Forward-over-reverse runs under the math attention kernel: the fused CPU attention kernels have no
-    forward-mode derivative (nor a double backward).
+    Only the part of the network after the layer runs (``needs="cut"``). Forward-over-reverse runs under
+    the math attention kernel: the fused CPU attention kernels have no forward-mode derivative (nor a
+    double backward).
     """
     call = at.call
-    injected = inject(call.trace, [at.node])
-    params, x, score = call.params, at.x, call.score
+    params, score, tail, extras = call.params, call.score, at.cut.tail, at.extras
 
     def gradient(delta: Tensor) -> Tensor:
-        s, pull = vjp(lambda d: score(injected.program(params, x, d)[0]), delta)
+        s, pull = vjp(lambda d: score(tail(params, at.raw + d, *extras)), delta)
         return pull_targets(pull, s)[0]
 
     with sdpa_kernel([SDPBackend.MATH]):
@@ -256,7 +256,7 @@ def gradient_and_hvp(at: Layer) -> tuple[Tensor, Tensor]:
     return _per_target(at.to_maps, g), _per_target(at.to_maps, hvp)
 
 
-@method(needs="forward")
+@method(needs="cut")
 def shapleycam(at: Layer) -> Tensor:
     r"""ShapleyCAM (Cai et al., arXiv 2501.06261): gradient weights corrected by the Hessian.
 
