@@ -21,7 +21,7 @@ from .driver import method
 from .errors import CamfnError, HookError, InputError, LayerError, ModeError, OptionError, TargetError, TraceError
 from .evaluation import evaluate
 from .layer_names import LayerInfo, default_layer, layers
-from .methods import METHODS, guided_backprop, guided_gradcam
+from .methods import METHODS, dff, guided_backprop, guided_gradcam
 from .postprocess import fuse
 from .tracing import apply, params
 
@@ -45,6 +45,7 @@ __all__ = [
     "apply",
     "compiled",
     "default_layer",
+    "dff",
     "errors",
     "evaluate",
     "fuse",

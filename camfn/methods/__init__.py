@@ -7,6 +7,7 @@ from . import gradient  # the registry lists the gradient family first
 
 # isort: split
 from . import activation, factorization, perturbation
+from .factorization import dff
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
@@ -14,6 +15,7 @@ globals().update(METHODS)
 __all__ = [
     "METHODS",
     "activation",
+    "dff",
     "factorization",
     "gradient",
     "guided_backprop",
