@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -112,6 +113,9 @@ def uniform(
 
 # ------------------------------------------------------------------------------ noise under compile
 _PINNED: dict[tuple, torch.Tensor] | None = None
+_PIN_LOCK = threading.Lock()
+_USERS: dict[int, int] = {}  # id(store) -> threads inside pinned(store)
+_BEFORE: dict[int, dict[tuple, torch.Tensor] | None] = {}  # id(store) -> what was pinned before it
 
 
 @contextlib.contextmanager
@@ -124,11 +128,21 @@ def pinned(store: dict[tuple, torch.Tensor]) -> Iterator[dict[tuple, torch.Tenso
     equals the eager one. The noise tensors stay alive as long as ``store``.
     """
     global _PINNED
-    previous, _PINNED = _PINNED, store
+    with _PIN_LOCK:  # threads sharing one store (one Compiled) keep it pinned until the last one leaves
+        if _USERS.get(id(store), 0) == 0:
+            _BEFORE[id(store)] = _PINNED
+        _USERS[id(store)] = _USERS.get(id(store), 0) + 1
+        _PINNED = store
     try:
         yield store
     finally:
-        _PINNED = previous
+        with _PIN_LOCK:
+            _USERS[id(store)] -= 1
+            if _USERS[id(store)] == 0:
+                del _USERS[id(store)]
+                previous = _BEFORE.pop(id(store))
+                if _PINNED is store:
+                    _PINNED = previous
 
 
 def _replay(key: tuple) -> torch.Tensor:

@@ -14,10 +14,16 @@ Example:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "eager", "in_transform"]
+__all__ = ["FORWARD_AD", "concrete", "eager", "in_transform"]
+
+FORWARD_AD = threading.RLock()
+"""Held around forward-mode AD (``torch.func.jvp``): its levels are process-wide, not per thread, so
+concurrent ``jvp`` calls from several threads fail; methods declared ``forward_ad=True`` take turns."""
 
 
 def in_transform() -> bool:

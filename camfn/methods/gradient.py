@@ -9,6 +9,7 @@ shape ``(B, H_in, W_in)`` (``(B, T, H_in, W_in)`` for ``(B, T)`` targets; a list
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,7 @@ from ..options import Option, choice, chunk, nonnegative, positive_int, seed
 from ..postprocess import first_component
 from ..pullback import zeros
 from ..rewrite import inject
+from ..runtime import FORWARD_AD
 from ..tracing import Traced
 
 __all__ = [
@@ -242,7 +244,8 @@ def gradient_and_hvp(at: Layer) -> tuple[Tensor, Tensor]:
 
     Only the part of the network after the layer runs (``needs="cut"``). Forward-over-reverse runs under
     the math attention kernel: the fused CPU attention kernels have no forward-mode derivative (nor a
-    double backward).
+    double backward). Calls from several threads take turns (:data:`camfn.runtime.FORWARD_AD`; compiled calls take it in
+    :class:`camfn.Compiled`).
     """
     call = at.call
     params, score, tail, extras = call.params, call.score, at.cut.tail, at.extras
@@ -251,12 +254,13 @@ def gradient_and_hvp(at: Layer) -> tuple[Tensor, Tensor]:
         s, pull = vjp(lambda d: score(tail(params, at.raw + d, *extras)), delta)
         return pull_targets(pull, s)[0]
 
-    with sdpa_kernel([SDPBackend.MATH]):
+    serial = contextlib.nullcontext() if torch.compiler.is_compiling() else FORWARD_AD
+    with serial, sdpa_kernel([SDPBackend.MATH]):
         g, hvp = jvp(gradient, (torch.zeros_like(at.raw),), (at.raw,))
     return _per_target(at.to_maps, g), _per_target(at.to_maps, hvp)
 
 
-@method(needs="cut")
+@method(needs="cut", forward_ad=True)
 def shapleycam(at: Layer) -> Tensor:
     r"""ShapleyCAM (Cai et al., arXiv 2501.06261): gradient weights corrected by the Hessian.
 
