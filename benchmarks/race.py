@@ -101,6 +101,12 @@ METHODS = (
     Method("scorecam", "ScoreCAM", "ScoreCAM", slow=True, torchcam_call="forward"),
     Method("sscam", None, "SSCAM", slow=True, torchcam_call="forward"),
     Method("iscam", None, "ISCAM", slow=True, torchcam_call="forward"),
+    Method("fullgrad", "FullGrad", None),  # layer-free: grad-cam prints that it ignores the layer
+    Method("shapleycam", "ShapleyCAM", None),
+    Method("segeigencam", "SegEigenCAM", None),
+    Method("kpcacam", "KPCA_CAM", None),
+    Method("fem", "FEM", None),
+    Method("randomcam", "RandomCAM", None),  # random weights: times only (sobel, model-free, is not raced)
 )
 BY_NAME = {m.name: m for m in METHODS}
 QUICK_METHODS = [m.name for m in METHODS if not m.slow] + ["scorecam"]
@@ -351,7 +357,7 @@ def agreement(result: Result) -> str:
     if ref is None or ours.output is None or ref.output is None:
         return "-"
     diff = maxdiff(ours.output.cpu(), ref.output)
-    return f"{diff:.1e}" + (" (sign-free)" if result.method in ("eigencam", "eigengradcam") else "")
+    return f"{diff:.1e}" + (" (sign-free)" if result.method in ("eigencam", "eigengradcam", "kpcacam") else "")
 
 
 def cell(result: Result, library: str, what: str) -> str:
