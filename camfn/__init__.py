@@ -22,7 +22,7 @@ from .errors import CamfnError, HookError, InputError, LayerError, ModeError, Op
 from .evaluation import evaluate
 from .exporting import export
 from .layer_names import LayerInfo, default_layer, layers
-from .methods import METHODS, guided_backprop, guided_gradcam
+from .methods import METHODS, dff, guided_backprop, guided_gradcam
 from .postprocess import fuse
 from .prediction import explain_prediction
 from .tracing import apply, params
@@ -47,6 +47,7 @@ __all__ = [
     "apply",
     "compiled",
     "default_layer",
+    "dff",
     "errors",
     "evaluate",
     "explain_prediction",

@@ -38,6 +38,7 @@ from .driver import Maps
 from .errors import InputError, OptionError
 from .layer_names import Layer
 from .noise import pinned
+from .runtime import FORWARD_AD
 from .targets import Target
 from .tracing import Params
 
@@ -111,7 +112,9 @@ class Compiled:
     def __call__(self, params: Params, x: Tensor, target: Target = None) -> Maps:
         """The compiled method's maps for ``(params, x, target)``; equal to the eager method's."""
         self.warm(params, x, target)
-        with pinned(self._noise), _steady():
+        spec = getattr(self.method, "spec", None)
+        serial = FORWARD_AD if getattr(spec, "forward_ad", False) else contextlib.nullcontext()
+        with serial, pinned(self._noise), _steady():
             return self.function(params, x, target)
 
 

@@ -81,6 +81,7 @@ class Spec:
     eigen: bool = False  # always reduce by the first principal component (eigencam, eigengradcam)
     fixed_target: bool = True  # target=None is the clean top-1 class (False: the method ignores targets)
     requires: str | None = None  # what the model must have beyond a spatial layer ("attention": a transformer)
+    forward_ad: bool = False  # uses torch.func.jvp: calls are serialised by camfn.runtime.FORWARD_AD
 
 
 # ---------------------------------------------------------------------------------------- per call
@@ -590,6 +591,7 @@ def method(
     eigen: bool = False,
     fixed_target: bool = True,
     name: str | None = None,
+    forward_ad: bool = False,
 ) -> Callable[[Callable[[Layer], Tensor]], Callable[..., Maps]]:
     """Declare a method: ``fn(layer: Layer) -> contributions (B, T, K, *spatial)``, registered by name.
 
@@ -600,7 +602,7 @@ def method(
     """
 
     def register(fn: Callable[[Layer], Tensor]) -> Callable[..., Maps]:
-        spec = Spec(name or fn.__name__, fn, needs, dict(options or {}), eigen, fixed_target)
+        spec = Spec(name or fn.__name__, fn, needs, dict(options or {}), eigen, fixed_target, forward_ad)
 
         def public(
             model: Model, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **opts: Any

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from .errors import OptionError
 from .runtime import exporting
 
-__all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned"]
+__all__ = ["Seed", "gaussian", "gaussians", "generator", "pinned", "uniform"]
 
 Seed = int | torch.Generator
 
@@ -82,8 +83,40 @@ def gaussians(
         yield out
 
 
+def uniform(
+    shape: Sequence[int],
+    low: float,
+    high: float,
+    seed: Seed,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``U(low, high)`` draws of ``shape`` from ``seed``, on the CPU, replayed inside ``torch.compile`` like
+    :func:`gaussian` (recorded under :func:`pinned`).
+
+    Example:
+        >>> from camfn.noise import uniform
+        >>> w = uniform((1000,), -1.0, 1.0, seed=3)
+        >>> bool((w == uniform((1000,), -1.0, 1.0, seed=3)).all()), bool(w.min() >= -1), bool(w.max() < 1)
+        (True, True, True)
+    """
+    key = (tuple(shape), ("uniform", low, high), seed, 0, dtype, str(device))  # seed at index 2, as gaussians'
+    if torch.compiler.is_compiling():
+        return _replay(key)
+    with torch._C._DisableFuncTorch():
+        draw = torch.rand(tuple(shape), generator=generator(seed), dtype=torch.float32)
+    out = (low + (high - low) * draw).to(dtype=dtype, device=device)
+    if _PINNED is not None and not isinstance(seed, torch.Generator):
+        _PINNED[key] = out
+    return out
+
+
 # ------------------------------------------------------------------------------ noise under compile
 _PINNED: dict[tuple, torch.Tensor] | None = None
+_PIN_LOCK = threading.Lock()
+_USERS: dict[int, int] = {}  # id(store) -> threads inside pinned(store)
+_BEFORE: dict[int, dict[tuple, torch.Tensor] | None] = {}  # id(store) -> what was pinned before it
 
 
 @contextlib.contextmanager
@@ -96,11 +129,21 @@ def pinned(store: dict[tuple, torch.Tensor]) -> Iterator[dict[tuple, torch.Tenso
     equals the eager one. The noise tensors stay alive as long as ``store``.
     """
     global _PINNED
-    previous, _PINNED = _PINNED, store
+    with _PIN_LOCK:  # threads sharing one store (one Compiled) keep it pinned until the last one leaves
+        if _USERS.get(id(store), 0) == 0:
+            _BEFORE[id(store)] = _PINNED
+        _USERS[id(store)] = _USERS.get(id(store), 0) + 1
+        _PINNED = store
     try:
         yield store
     finally:
-        _PINNED = previous
+        with _PIN_LOCK:
+            _USERS[id(store)] -= 1
+            if _USERS[id(store)] == 0:
+                del _USERS[id(store)]
+                previous = _BEFORE.pop(id(store))
+                if _PINNED is store:
+                    _PINNED = previous
 
 
 def _replay(key: tuple) -> torch.Tensor:

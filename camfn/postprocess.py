@@ -107,12 +107,13 @@ def fuse(maps: Sequence[Tensor], size: Sequence[int] | None = None, gamma: float
     return _normalize(torch.stack(scaled).amax(0), ndim)
 
 
-def first_component(maps: Tensor, ndim: int = 2, reference: Tensor | None = None) -> Tensor:
+def first_component(maps: Tensor, ndim: int = 2, reference: Tensor | None = None, sign: str = "correlation") -> Tensor:
     r"""Projection of ``(..., K, *spatial)`` onto its first principal component over space.
 
     Per map: ``X`` = the ``(HW, K)`` matrix, channels centred over space; ``X = U S V^T``;
     the result is ``X v_1`` reshaped to the spatial grid. The sign of a singular vector is arbitrary, so
-    it is flipped where the projection correlates negatively with ``reference`` (default: ``sum_k X_k``).
+    it is flipped where the projection correlates negatively with ``reference`` (default: ``sum_k X_k``);
+    ``sign="extreme"`` instead flips it where ``|min| > |max|`` (Seg-Eigen-CAM's Eq. 13).
     """
     spatial = maps.shape[-ndim:]
     k = maps.shape[-ndim - 1]
@@ -122,6 +123,9 @@ def first_component(maps: Tensor, ndim: int = 2, reference: Tensor | None = None
     low = x.dtype in (torch.float16, torch.bfloat16)  # no half-precision SVD kernels: solve in float32
     _, _, vh = torch.linalg.svd(x.float() if low else x, full_matrices=False)
     proj = (x @ vh[..., 0, :].to(x.dtype).unsqueeze(-1)).squeeze(-1)  # (..., HW)
+    if sign == "extreme":
+        flip = proj.amin(-1, keepdim=True).abs() > proj.amax(-1, keepdim=True).abs()
+        return torch.where(flip, -proj, proj).reshape(*proj.shape[:-1], *spatial)
     ref = x.sum(-1) if reference is None else reference.reshape(proj.shape)
     ref = ref - ref.mean(-1, keepdim=True)
     corr = ((proj - proj.mean(-1, keepdim=True)) * ref).sum(-1, keepdim=True)

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "eager", "exporting", "in_transform", "peek", "tracing_for_export"]
+__all__ = ["FORWARD_AD", "concrete", "eager", "exporting", "in_transform", "peek", "tracing_for_export"]
 
 _EXPORTING: contextvars.ContextVar[bool] = contextvars.ContextVar("camfn_exporting", default=False)
 
@@ -41,6 +42,11 @@ def tracing_for_export() -> Iterator[None]:
 def exporting() -> bool:
     """True inside :func:`tracing_for_export`."""
     return _EXPORTING.get()
+
+
+FORWARD_AD = threading.RLock()
+"""Held around forward-mode AD (``torch.func.jvp``): its levels are process-wide, not per thread, so
+concurrent ``jvp`` calls from several threads fail; methods declared ``forward_ad=True`` take turns."""
 
 
 def in_transform() -> bool:

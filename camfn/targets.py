@@ -60,6 +60,7 @@ __all__ = [
     "pick",
     "probability",
     "resolve",
+    "rest",
     "scores",
     "segmentation",
     "similarity",
@@ -658,5 +659,26 @@ def binary(c: int) -> ScoreFn:
                 f"binary needs one logit per sample, (B, 1), got {got}; for (B, C) logits use an int class target"
             )
         return sign * output[:, 0]
+
+
+def rest(c: int | Tensor | None = None) -> ScoreFn:
+    r"""Target: grad-cam's ``ClassifierOutputReST`` (ShapleyCAM, arXiv 2501.06261), logit minus cross-entropy.
+
+    .. math:: S_b = y_{b,c} - \mathrm{CE}(y_b, c) = 2\,y_{b,c} - \log\sum_j \exp y_{b,j}
+
+    using both the pre-softmax and the post-softmax score (``c``: an int, a ``(B,)`` tensor or ``None``,
+    each sample's top-1 class).
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import rest
+        >>> rest(0)(torch.tensor([[0.0, 0.0]]))
+        tensor([-0.6931])
+    """
+
+    def score(output: Tensor) -> Tensor:
+        output = _logits(output, "rest")
+        logit_c = output.gather(1, _class_index(c, output)).squeeze(1)
+        return 2 * logit_c - output.logsumexp(1)
 
     return score

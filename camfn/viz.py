@@ -515,3 +515,59 @@ def grid(
                 canvas.paste(tile, (pad + j * (cell_w + pad) + (cell_w - tile.width) // 2, y))
             y += heights[i] + pad
     return canvas
+
+
+def concepts_overlay(
+    image: ImageLike, maps: Tensor, labels: Sequence[str] | None = None, alpha: float = 0.5, scale: int = 1
+) -> Image.Image:
+    r"""Concept maps ``(n, H', W')`` of one image (:func:`camfn.methods.factorization.dff`) over ``image``.
+
+    Concept ``j`` gets the hue ``j / n`` (full saturation); each pixel shows the concept with the largest
+    map there, with brightness its value (grad-cam's ``show_factorization_on_image``):
+
+    .. math:: O = (1 - \alpha)\, I + \alpha\, c_{j^*} L_{j^*}, \qquad j^* = \arg\max_j L_j
+
+    ``labels`` (one per concept, e.g. the concept's top classes) are drawn as a legend of colour swatches
+    under the picture. Returns a PIL image ``scale`` times the image's size (plus the legend).
+
+    Example:
+        >>> import torch
+        >>> from camfn.viz import concepts_overlay
+        >>> maps = torch.stack([torch.eye(4), 1 - torch.eye(4)])
+        >>> pic = concepts_overlay(torch.zeros(3, 4, 4), maps, alpha=1.0)
+        >>> pic.size, pic.getpixel((0, 0)), pic.getpixel((1, 0))
+        ((4, 4), (255, 0, 0), (0, 255, 255))
+    """
+    if not 0 <= alpha <= 1:
+        raise OptionError(f"alpha={alpha!r}: use a number between 0 (image only) and 1 (map only)")
+    picture = as_image(image)
+    m = maps.detach().float().cpu()
+    if m.ndim == 4 and m.shape[0] == 1:
+        m = m[0]
+    if m.ndim != 3 or m.shape[0] < 1:
+        raise InputError(f"maps of shape {tuple(maps.shape)}: expected one image's concept maps (n, H, W)")
+    n = m.shape[0]
+    if labels is not None and len(labels) != n:
+        raise InputError(f"{len(labels)} labels for {n} concepts: pass one label per concept")
+    if tuple(m.shape[1:]) != tuple(picture.shape[1:]):
+        m = F.interpolate(m[None], size=picture.shape[1:], mode="bilinear", align_corners=False)[0]
+    h6 = torch.arange(n, dtype=torch.float32) * 6 / n  # hue * 6; HSV -> RGB at full saturation and value
+    colors = torch.stack([(h6 - 3).abs() - 1, 2 - (h6 - 2).abs(), 2 - (h6 - 4).abs()], 1).clamp(0, 1)
+    value, best = m.clamp(0, 1).max(0)
+    mask = colors[best].permute(2, 0, 1) * value
+    out = to_pil(upscale(((1 - alpha) * picture + alpha * mask).clamp(0, 1), scale))
+    if not labels:
+        return out
+    font, pad = _font(), 4
+    probe = ImageDraw.Draw(out)
+    line = max(probe.textbbox((0, 0), str(t), font=font)[3] for t in labels) + pad
+    width = max(out.width, max(_text_width(probe, str(t), font) for t in labels) + line + 2 * pad)
+    canvas = Image.new("RGB", (width, out.height + n * line + pad), "white")
+    canvas.paste(out, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(labels):
+        y = out.height + pad + j * line
+        rgb = tuple(round(255 * c) for c in colors[j].tolist())
+        draw.rectangle((pad, y, pad + line - pad, y + line - pad), fill=rgb)
+        draw.text((2 * pad + line - pad, y), str(text), fill="black", font=font)
+    return canvas

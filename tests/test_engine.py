@@ -106,7 +106,8 @@ def test_threads_equal_sequential_bit_for_bit(model: Net, name: str) -> None:
     parallel = _run_threads(lambda p: method(model, p, x, "block", 2, **_options(name)), sets)
     for seq, par in zip(sequential, parallel, strict=True):
         assert torch.equal(seq, par)
-    assert not torch.equal(sequential[0], sequential[1])  # the parameter sets really differ
+    if name != "sobel":  # sobel is model-free: its map does not depend on the parameters
+        assert not torch.equal(sequential[0], sequential[1])  # the parameter sets really differ
     torch.testing.assert_close(camfn.apply(model, camfn.params(model), x), model(x), rtol=0, atol=0)
 
 

@@ -99,7 +99,8 @@ def test_vmap_over_parameter_sets_equals_loop(method: str) -> None:
     mapped = vmap(lambda p: fn(models[0], p, x, "act", t))(stacked)
     looped = torch.stack([fn(m, camfn.params(m), x, "act", t) for m in models])
     torch.testing.assert_close(mapped, looped)
-    assert not torch.allclose(looped[0], looped[1]), "parameter sets should give different maps"
+    if method != "sobel":  # sobel is model-free: the same map for every parameter set
+        assert not torch.allclose(looped[0], looped[1]), "parameter sets should give different maps"
 
 
 @pytest.mark.parametrize("method", [*GRADIENT, "cam", "eigencam"])

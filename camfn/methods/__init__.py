@@ -7,13 +7,14 @@ from ..driver import REGISTRY as METHODS
 from . import gradient  # the registry lists the gradient family first
 
 # isort: split
-from . import activation, perturbation
+from . import activation, factorization, perturbation
 
 # isort: split
 from . import composite  # built on the families above
 
 # isort: split
 from . import attention
+from .factorization import dff
 from .guided import guided_backprop, guided_gradcam
 
 globals().update(METHODS)
@@ -23,6 +24,8 @@ __all__ = [
     "activation",
     "attention",
     "composite",
+    "dff",
+    "factorization",
     "gradient",
     "guided_backprop",
     "guided_gradcam",

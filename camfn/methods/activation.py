@@ -1,20 +1,25 @@
 r"""The activation family: maps from the activation ``A`` alone (no gradients).
 
-``cam`` weights channels by the classifier's weights, ``eigencam`` takes the first principal component.
-For ``eigencam`` only the part of the network up to the layer runs.
+``cam`` weights channels by the classifier's weights, ``eigencam`` takes the first principal component,
+``kpcacam`` the first kernel principal component, ``fem`` weights channels by their share of outlying
+positions, ``randomcam`` by random weights (a sanity baseline), and ``sobel`` ignores the model (an
+edge-detector baseline). Except for ``cam`` only the part of the network up to the layer runs.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..driver import Layer, method
-from ..errors import LayerError, TargetError
-from ..options import Option
+from ..driver import Layer, method, weighted
+from ..errors import InputError, LayerError, OptionError, TargetError
+from ..noise import uniform
+from ..options import Option, choice, finite, seed
 from ..tracing import Traced
 
-__all__ = ["cam", "eigencam"]
+__all__ = ["cam", "eigencam", "fem", "kpcacam", "randomcam", "sobel"]
 
 _POOL_MODULES = (
     nn.AdaptiveAvgPool1d,
@@ -176,3 +181,170 @@ def eigencam(at: Layer) -> Tensor:
         torch.Size([1, 64, 64])
     """
     return at.a
+
+
+def signed_like(proj: Tensor, reference: Tensor, space: tuple[int, ...]) -> Tensor:
+    """``proj`` with its sign flipped where it correlates negatively with ``reference`` over ``space``
+    (the eigen methods' sign rule)."""
+    p = proj - proj.mean(space, keepdim=True)
+    r = reference - reference.mean(space, keepdim=True)
+    return torch.where((p * r).sum(space, keepdim=True) < 0, -proj, proj)
+
+
+@method(needs="activations", fixed_target=False, options={"k": Option(2.0, finite)})
+def fem(at: Layer) -> Tensor:
+    r"""FEM, the Feature Explanation Method (Fuad et al., IPTA 2020). Class-agnostic.
+
+    .. math:: w_k = \frac{1}{Z} \sum_{ij} [A_{k,ij} > \mu_k + k\,\sigma_k], \qquad L = \sum_k w_k A_k
+
+    with :math:`\mu_k`, :math:`\sigma_k` the mean and (population) standard deviation of channel ``k``
+    over space and ``k`` the option (default 2, the k-sigma rule), as grad-cam's ``FEM``. ``target`` is
+    ignored.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.fem(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer3", k=1.0).shape
+        torch.Size([1, 64, 64])
+    """
+    a, s = at.a, at.space
+    mu = a.mean(s, keepdim=True)
+    sigma = a.std(s, keepdim=True, correction=0)
+    share = (a > mu + at.options["k"] * sigma).to(a.dtype).mean(s, keepdim=True)
+    return share * a
+
+
+@method(needs="activations", fixed_target=False, options={"seed": Option(0, seed)})
+def randomcam(at: Layer) -> Tensor:
+    r"""Random-CAM: channels weighted by random numbers, a sanity baseline (grad-cam's ``RandomCAM``).
+
+    .. math:: w_k \sim \mathcal U(-1, 1), \qquad L = \sum_k w_k A_k
+
+    The weights are drawn from ``seed`` (int or ``torch.Generator``) by :func:`camfn.noise.uniform`, one
+    per channel and shared by the batch (a sample's map does not depend on the rest of the batch; grad-cam
+    draws per sample from numpy's global state). No backward pass; ``target`` is ignored.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> p, x = camfn.params(model), torch.randn(1, 3, 64, 64)
+        >>> first, again = (camfn.randomcam(model, p, x, "layer4", seed=1) for _ in range(2))
+        >>> bool((first == again).all())
+        True
+    """
+    a = at.a
+    w = uniform((a.shape[2],), -1.0, 1.0, at.options["seed"], dtype=a.dtype, device=a.device)
+    return weighted(w.expand(1, 1, -1), a)
+
+
+# ------------------------------------------------------------------------------------------- KPCA
+KERNELS = ("sigmoid", "rbf", "poly", "linear", "cosine")
+
+
+def _gamma(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    value = finite(value, name)
+    if value <= 0:
+        raise OptionError(f"{name}={value!r}: use a number > 0, or None for 1 / channels")
+    return value
+
+
+def kernel_matrix(x: Tensor, kernel: str, gamma: float | None) -> Tensor:
+    """sklearn's pairwise kernel of the rows of ``x`` ``(..., n, K)`` (``gamma=None``: ``1 / K``;
+    ``coef0 = 1``, ``degree = 3``, as ``KernelPCA``'s defaults)."""
+    g = 1.0 / x.shape[-1] if gamma is None else gamma
+    dot = x @ x.transpose(-1, -2)
+    if kernel == "linear":
+        return dot
+    if kernel == "sigmoid":
+        return torch.tanh(g * dot + 1.0)
+    if kernel == "poly":
+        return (g * dot + 1.0) ** 3
+    sq = x.pow(2).sum(-1)
+    if kernel == "rbf":
+        return torch.exp(-g * (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2 * dot).clamp_min(0))
+    norm = sq.sqrt()
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return dot / (norm.unsqueeze(-1) * norm.unsqueeze(-2))  # cosine
+
+
+@method(
+    needs="activations",
+    fixed_target=False,
+    options={"kernel": Option("sigmoid", choice(*KERNELS)), "gamma": Option(None, _gamma)},
+)
+def kpcacam(at: Layer) -> Tensor:
+    r"""KPCA-CAM (Karmani et al., 2024): the first kernel principal component of the activation. Class-agnostic.
+
+    Per sample: :math:`X` the :math:`(HW, K)` activation matrix, channels centred over space;
+    :math:`\mathcal K_{ij} = \kappa(x_i, x_j)` (``kernel``: ``"sigmoid"`` :math:`\tanh(\gamma x^\top y + 1)`
+    (default), ``"rbf"``, ``"poly"`` (degree 3), ``"linear"``, ``"cosine"``; ``gamma=None`` is
+    :math:`1/K`), centred in feature space :math:`\tilde{\mathcal K} = (I - \tfrac1n 1)\mathcal K
+    (I - \tfrac1n 1)`; with :math:`(\lambda_1, v_1)` its top eigenpair
+
+    .. math:: L = \sqrt{\lambda_1}\, v_1
+
+    as sklearn's ``KernelPCA(n_components=1).fit_transform`` (grad-cam's ``KPCA_CAM``), in torch (no
+    sklearn at run time). The sign of :math:`v_1` is arbitrary: it is chosen to correlate non-negatively
+    with :math:`\sum_k A_k` (the eigen methods' rule). ``target`` is ignored.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.kpcacam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer3", kernel="rbf").shape
+        torch.Size([1, 64, 64])
+    """
+    a = at.a
+    spatial = a.shape[3:]
+    x = a.flatten(3).transpose(-1, -2)  # (B, 1, n, K)
+    x = x - x.mean(-2, keepdim=True)
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    k = kernel_matrix(x.float() if low else x, at.options["kernel"], at.options["gamma"])
+    k = k - k.mean(-1, keepdim=True)
+    k = k - k.mean(-2, keepdim=True)
+    values, vectors = torch.linalg.eigh(k)
+    proj = (vectors[..., -1] * values[..., -1:].clamp_min(0).sqrt()).to(a.dtype)  # (B, 1, n)
+    proj = signed_like(proj, a.sum(2).flatten(2), (-1,))
+    return proj.reshape(*proj.shape[:2], 1, *spatial)
+
+
+# ------------------------------------------------------------------------------------------ Sobel
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601, as cv2.cvtColor(RGB2GRAY)
+
+
+@method(needs="activations", fixed_target=False, options={"norm": Option("l1", choice("l1", "l2"))})
+def sobel(at: Layer) -> Tensor:
+    r"""Sobel edge magnitude of the image: a model-free baseline for the metrics (grad-cam's ``sobel_cam``).
+
+    With :math:`I` the grey image (``0.299 R + 0.587 G + 0.114 B`` for 3 channels, the channel itself for
+    1, the channel mean otherwise) and :math:`S_x, S_y` the 3 x 3 Sobel filters (reflect-101 border, as
+    cv2):
+
+    .. math:: L = \tfrac12 \big(|S_x * I| + |S_y * I|\big) \quad (\texttt{norm="l1"}, \text{ grad-cam}),
+              \qquad L = \sqrt{(S_x * I)^2 + (S_y * I)^2} \quad (\texttt{norm="l2"})
+
+    The signature is every method's, but the model, ``layer`` and ``target`` are ignored (the network up
+    to the layer still runs, as for every class-agnostic method). grad-cam works on ``uint8`` images and
+    rounds and saturates each term at 255; camfn keeps floats.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.sobel(model, camfn.params(model), torch.rand(2, 3, 64, 64)).shape
+        torch.Size([2, 64, 64])
+    """
+    x = at.x
+    if x.ndim != 4:
+        raise InputError(f"sobel needs 2-d images (B, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] == 3:
+        gray = (x * x.new_tensor(_GRAY).reshape(1, 3, 1, 1)).sum(1, keepdim=True)
+    else:
+        gray = x.mean(1, keepdim=True)
+    padded = F.pad(gray, (1, 1, 1, 1), mode="reflect")
+    sx = x.new_tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+    kernels = torch.stack([sx, sx.T]).unsqueeze(1)  # (2, 1, 3, 3)
+    gx, gy = F.conv2d(padded, kernels).unbind(1)
+    edges = 0.5 * (gx.abs() + gy.abs()) if at.options["norm"] == "l1" else torch.sqrt(gx**2 + gy**2)
+    return edges.reshape(x.shape[0], 1, 1, *x.shape[2:])

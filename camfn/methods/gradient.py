@@ -9,23 +9,37 @@ shape ``(B, H_in, W_in)`` (``(B, T, H_in, W_in)`` for ``(B, T)`` targets; a list
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..chunks import Chunk
-from ..driver import Layer, method, weighted
+from ..driver import Layer, _per_target, method, weighted
+from ..errors import LayerError
 from ..noise import gaussian
-from ..options import Option, chunk, nonnegative, positive_int, seed
+from ..options import Option, choice, chunk, nonnegative, positive_int, seed
+from ..postprocess import first_component
+from ..pullback import zeros
+from ..rewrite import inject
+from ..runtime import FORWARD_AD
+from ..tracing import Traced
 
 __all__ = [
     "eigengradcam",
+    "fullgrad",
     "gradcam",
     "gradcam_elementwise",
     "gradcampp",
     "hirescam",
     "layercam",
     "plusplus",
+    "segeigencam",
+    "shapleycam",
     "smooth_gradcampp",
     "xgradcam",
 ]
@@ -198,3 +212,174 @@ def smooth_gradcampp(at: Layer) -> Tensor:
     size: Chunk = opts["chunk_size"]
     sums = at.chunks(moments, n, None if size == "auto" else size, "smooth_gradcampp", combine="sum")
     return plusplus(at.a, *(sums / n).unbind(0))
+
+
+@method(needs="gradients")
+def segeigencam(at: Layer) -> Tensor:
+    r"""Seg-Eigen-CAM (Chung & Ying, Appl. Sci. 2025): first principal component of ``|G| * A``.
+
+    With :math:`X` the :math:`(HW, K)` matrix of :math:`|G| \odot A` (Eq. 10), channels centred over
+    space, and :math:`X = U S V^\top`: :math:`L = \pm X v_1`, the sign flipped when
+    :math:`|\min L| > |\max L|` (Eq. 13), as grad-cam master's ``SegEigenCAM``.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.segeigencam(model, camfn.params(model), torch.randn(1, 3, 64, 64), "layer3", 2).shape
+        torch.Size([1, 64, 64])
+    """
+    return first_component(at.g.abs() * at.a, ndim=at.a.ndim - 3, sign="extreme").unsqueeze(2)
+
+
+def pull_targets(pull: Callable[[Tensor], tuple[Tensor, ...]], s: Tensor) -> tuple[Tensor, ...]:
+    """A vjp's pullback applied to every target column of scores ``s`` ((B,) or (B, T)): each ``(B, T, ...)``."""
+    if s.ndim == 1:
+        return tuple(g.unsqueeze(1) for g in pull(torch.ones_like(s)))
+    eye = torch.eye(s.shape[1], dtype=s.dtype, device=s.device)
+    return tuple(g.movedim(0, 1) for g in vmap(pull)(eye[:, None, :].expand(s.shape[1], *s.shape)))
+
+
+def gradient_and_hvp(at: Layer) -> tuple[Tensor, Tensor]:
+    """``G = dS/dA`` and ``H A`` (``(B, T, K, *s)``, map frame) by one ``jvp`` of the pullback at the layer.
+
+    Only the part of the network after the layer runs (``needs="cut"``). Forward-over-reverse runs under
+    the math attention kernel: the fused CPU attention kernels have no forward-mode derivative (nor a
+    double backward). Calls from several threads take turns (:data:`camfn.runtime.FORWARD_AD`; compiled calls take it in
+    :class:`camfn.Compiled`).
+    """
+    call = at.call
+    params, score, tail, extras = call.params, call.score, at.cut.tail, at.extras
+
+    def gradient(delta: Tensor) -> Tensor:
+        s, pull = vjp(lambda d: score(tail(params, at.raw + d, *extras)), delta)
+        return pull_targets(pull, s)[0]
+
+    serial = contextlib.nullcontext() if torch.compiler.is_compiling() else FORWARD_AD
+    with serial, sdpa_kernel([SDPBackend.MATH]):
+        g, hvp = jvp(gradient, (torch.zeros_like(at.raw),), (at.raw,))
+    return _per_target(at.to_maps, g), _per_target(at.to_maps, hvp)
+
+
+@method(needs="cut", forward_ad=True)
+def shapleycam(at: Layer) -> Tensor:
+    r"""ShapleyCAM (Cai et al., arXiv 2501.06261): gradient weights corrected by the Hessian.
+
+    .. math:: w_k = \frac{1}{Z} \sum_{ij} \Big(G - \tfrac12\, H A\Big)_{k,ij}, \qquad L = \sum_k w_k A_k
+
+    with :math:`H A = \frac{d}{d\epsilon} G(A + \epsilon A)\big|_{\epsilon=0}` the Hessian-vector
+    product of the score w.r.t. the layer in the direction of :math:`A`, computed by one forward-mode
+    ``torch.func.jvp`` of the pullback (forward-over-reverse, not a double backward). This also works on
+    transformers with fused attention (``scaled_dot_product_attention``), where grad-cam's double
+    backward fails on the CPU: camfn runs the product under the math attention kernel. The paper and
+    grad-cam pair it with the target :func:`camfn.targets.rest`.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> x = torch.randn(1, 3, 64, 64)
+        >>> camfn.shapleycam(model, camfn.params(model), x, "layer4", camfn.targets.rest(3)).shape
+        torch.Size([1, 64, 64])
+    """
+    g, hvp = gradient_and_hvp(at)
+    return weighted((g - 0.5 * hvp).mean(at.space, keepdim=True), at.a)
+
+
+# ---------------------------------------------------------------------------------------- FullGrad
+def bias_layers(trace: Traced) -> tuple[tuple[str, str, float | None], ...]:
+    """``(node, module path, eps)`` of every conv (``eps=None``) and eval BatchNorm layer with a bias; cached."""
+    if trace.cache.biases is None:
+        found = []
+        for node in trace.module.graph.nodes:
+            if node.op != "call_module":
+                continue
+            module = trace.module.get_submodule(node.target)
+            if isinstance(module, nn.modules.conv._ConvNd) and module.bias is not None:
+                found.append((node.name, str(node.target), None))
+            elif (
+                isinstance(module, nn.modules.batchnorm._BatchNorm)
+                and module.affine
+                and module.running_mean is not None
+            ):
+                found.append((node.name, str(node.target), module.eps))
+        trace.cache.biases = tuple(found)
+    return trace.cache.biases
+
+
+def effective_bias(at: Layer, path: str, eps: float | None) -> Tensor:
+    """A conv's bias, or an eval BatchNorm's ``beta - mu gamma / sqrt(var + eps)``, read from ``params``."""
+    call = at.call
+
+    def get(name: str) -> Tensor:
+        key = f"{path}.{name}"
+        return call.params[key] if key in call.params else call.trace.defaults[key]
+
+    if eps is None:
+        return get("bias")
+    return get("bias") - get("running_mean") * get("weight") / torch.sqrt(get("running_var") + eps)
+
+
+def _rescale(t: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
+    t = t - t.amin(dims, keepdim=True)
+    return t / (t.amax(dims, keepdim=True) + eps)
+
+
+@method(needs="forward", options={"scaling": Option("paper", choice("paper", "gradcam"))})
+def fullgrad(at: Layer) -> Tensor:
+    r"""FullGrad (Srinivas & Fleuret, NeurIPS 2019): input-gradient and bias-gradients of every layer.
+
+    .. math:: L = \psi\big(|x \odot \nabla_x S|\big) + \sum_{l} \sum_{k} \psi\big(|b_{l,k}\,
+              G_{l,k}|\big)
+
+    over every conv and BatchNorm layer ``l`` with a bias, :math:`G_l = \partial S / \partial`
+    (the layer's output) and :math:`b_l` its bias (eval BatchNorm: the effective bias
+    :math:`\beta - \mu\gamma / \sqrt{\sigma^2 + \epsilon}`). All gradients come from *one* pullback:
+    the graph is injected at every bias layer at once and the input gradient is taken in the same vjp.
+    :math:`\psi` is the post-processing, the option ``scaling``:
+
+    * ``"paper"`` (default, the authors' implementation): per sample and layer, min-max over all
+      channels and positions (``/ (max + 1e-6)``), bilinear upsampling to the input size
+      (``align_corners=True``), sum over channels;
+    * ``"gradcam"`` (grad-cam's ``FullGrad``): min-max of each channel separately (``/ (max + 1e-7)``),
+      bilinear resize (``align_corners=False``), sum over channels: every channel weighs the same, not
+      every layer.
+
+    The method is *layer-free*: it uses every bias layer of the network, so ``layer`` (and ``layout``) are
+    ignored (they are still resolved, like every method's). Bias layers are found as modules of the
+    torch.fx graph: with ``tracer="export"`` (no modules) only the input term would remain, so it raises.
+
+    Example:
+        >>> import torch, torchvision, camfn
+        >>> model = torchvision.models.resnet18().eval()
+        >>> camfn.fullgrad(model, camfn.params(model), torch.randn(1, 3, 64, 64), target=5).shape
+        torch.Size([1, 64, 64])
+    """
+    call, x = at.call, at.x
+    layers = bias_layers(call.trace)
+    if not layers and call.trace.tracer != "fx":
+        raise LayerError(
+            "fullgrad finds its conv/BatchNorm bias layers as modules of a torch.fx graph, and this model was "
+            "traced with torch.export; pass tracer='fx' (with tracer_options if needed)"
+        )
+    injected = inject(call.trace, [node for node, _, _ in layers])
+    params, score = call.params, call.score
+
+    def scores_of(inputs: Tensor, *deltas: Tensor) -> Tensor:
+        return score(injected.program(params, inputs, *deltas)[0])
+
+    s, pull = vjp(scores_of, x, *zeros(injected, x))
+    grads = pull_targets(pull, s)
+    paper = at.options["scaling"] == "paper"
+    spatial = x.shape[2:]
+    nd = len(spatial)
+    space = tuple(range(-nd, 0))
+    dims = (-nd - 1, *space) if paper else space
+    eps = 1e-6 if paper else 1e-7
+    total = _rescale((grads[0] * x.unsqueeze(1)).abs(), dims, eps).sum(2)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
+    for (_, path, bn_eps), g in zip(layers, grads[1:], strict=True):
+        b = effective_bias(at, path, bn_eps).reshape(-1, *([1] * nd))
+        m = _rescale((b * g).abs(), dims, eps).sum(2)  # (B, T, h, w): the resize is linear, so sum first
+        if tuple(m.shape[-nd:]) != tuple(spatial):
+            m = F.interpolate(m, size=tuple(spatial), mode=mode, align_corners=paper)
+        total = total + m
+    return total.unsqueeze(2)
