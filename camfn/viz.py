@@ -48,6 +48,7 @@ __all__ = [
     "as_image",
     "blend",
     "colorize",
+    "concepts_overlay",
     "deprocess",
     "grid",
     "overlay",
