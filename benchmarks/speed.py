@@ -105,6 +105,12 @@ REFERENCES: dict[str, tuple[str | None, str | None]] = {
     "scorecam": ("ScoreCAM", "ScoreCAM"),
     "sscam": (None, "SSCAM"),
     "iscam": (None, "ISCAM"),
+    "fullgrad": ("FullGrad", None),  # layer-free: grad-cam prints that it ignores the layer
+    "shapleycam": ("ShapleyCAM", None),
+    "segeigencam": ("SegEigenCAM", None),
+    "kpcacam": ("KPCA_CAM", None),
+    "fem": ("FEM", None),
+    "randomcam": ("RandomCAM", None),  # random weights: times only (sobel, model-free, is not raced)
 }
 """camfn method name -> (grad-cam class, torchcam class): the one fact about a method camfn cannot know."""
 

@@ -30,7 +30,8 @@ def test_race_quick_defaults_are_small():
 def test_race_full_defaults_cover_every_method():
     args = speed.parse([])
     assert args.models == ["resnet18", "resnet50"] and args.batches == [1, 8] and args.size == 224
-    assert set(args.methods) == set(camfn.METHODS) - {"guided_backprop", "guided_gradcam", "sobel"}  # sobel: no model
+    raced = {"fullgrad", "shapleycam", "segeigencam", "kpcacam", "fem", "randomcam", "gradcam", "scorecam"}
+    assert raced <= set(args.methods) == set(speed.REFERENCES) <= set(camfn.METHODS)
     assert args.slow_layer == "layer4" and args.slow_batches == [1]
 
 
