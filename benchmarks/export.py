@@ -30,7 +30,7 @@ import torch
 import torchvision
 
 import camfn
-from benchmarks.speed import cpu_model, loadavg, revision, write_report
+from benchmarks.common import cpu_model, loadavg, revision, write_report
 
 RESULTS = "benchmarks/results/export.md"
 

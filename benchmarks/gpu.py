@@ -7,7 +7,7 @@ Run from the repository root (``benchmarks/gpu_check.sh`` runs it after the CUDA
     python -m benchmarks.gpu --device cpu --model resnet18 --batch 1 --size 64 --methods gradcam  # wiring only
 
 One random-weight torchvision model in eval mode, float32, one class per image. For each method: camfn's
-eager call, the grad-cam class and the torchcam class (the same contenders and calls as ``benchmarks/race.py``,
+eager call, the grad-cam class and the torchcam class (the same contenders and calls as ``benchmarks/speed.py``,
 each library with its own copy of the model), then camfn compiled with ``camfn.compiled`` for ``--compiled``
 (its first call is camfn's eager warm-up plus the compile). Every library forwards ``--forward-batch``
 perturbed images at a time in the slow methods (camfn ``chunk_size``, grad-cam ``batch_size``, torchcam
@@ -49,8 +49,8 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import camfn
-from benchmarks import race
-from benchmarks.speed import fmt, revision, table, timed, version, write_report
+from benchmarks import speed as race
+from benchmarks.common import fmt, maxdiff, revision, table, timed, version, write_report
 
 RESULTS = os.path.join("benchmarks", "results", "gpu.md")
 METHODS = ("gradcam", "scorecam", "ablationcam")
@@ -134,7 +134,7 @@ def _maxdiff(a: Any, b: Any) -> str:
         a = a.detach().float().cpu()
     if isinstance(b, torch.Tensor):
         b = b.detach().float().cpu()
-    return f"{race.maxdiff(a, b):.1e}"
+    return f"{maxdiff(a, b):.1e}"
 
 
 def rows_table(rows: list[Row]) -> str:

@@ -549,28 +549,43 @@ VARIANTS = tuple((flip, factor) for flip in (False, True) for factor in FACTORS)
 def _augmented(
     spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, target: Target, opts: dict, trace: Traced
 ) -> Maps:
+    """``aug_smooth`` on a driver method (see :func:`augmented`)."""
+    top1 = (lambda: resolve(None, trace.program()(params, x), opts["output"])) if spec.fixed_target else None
+    inner = {**opts, "aug_smooth": False}
+    return augmented(
+        lambda xs, t: explain(spec, model, params, xs, layer, t, inner), x, target, top1, opts["normalize"]
+    )
+
+
+def augmented(
+    run: Callable[[Tensor, Target], Maps],
+    x: Tensor,
+    target: Target,
+    top1: Callable[[], Target] | None,
+    normalize_maps: bool = True,
+) -> Maps:
     r"""``aug_smooth``: the maps averaged over horizontal flips x input multipliers {1.0, 1.1, 0.9}.
 
     .. math:: \bar L = \operatorname{normalize}\Big(\frac{1}{6} \sum_{f} \sum_{h \in \{\mathrm{id},
               \mathrm{flip}\}} h^{-1}\big(L(h(f\,x))\big)\Big)
 
-    All six variants run as one batch of ``6B``; the default target is the clean input's top-1 class.
+    ``run(xs, target)`` explains all six variants as one batch of ``6B``; the default target is the clean
+    input's top-1 class (``top1()``; ``None`` for methods that ignore targets).
     """
     batch, n = x.shape[0], len(VARIANTS)
-    if target is None and spec.fixed_target:
-        target = resolve(None, trace.program()(params, x), opts["output"])
+    if target is None and top1 is not None:
+        target = top1()
     if isinstance(target, Tensor):
         target = target.repeat(n, *([1] * (target.ndim - 1)))
     elif is_per_sample(target) and isinstance(target, list | tuple):
         target = list(target) * n  # one list per variant, as grad-cam calls its targets on each
     xs = torch.cat([(x.flip(-1) if flip else x) * factor for flip, factor in VARIANTS])
-    inner = {**opts, "aug_smooth": False}
-    maps = explain(spec, model, params, xs, layer, target, inner)
+    maps = run(xs, target)
 
     def back(m: Tensor) -> Tensor:
         m = m.reshape(n, batch, *m.shape[1:])
         m = torch.stack([m[i].flip(-1) if flip else m[i] for i, (flip, _) in enumerate(VARIANTS)]).mean(0)
-        return normalize(m, x.ndim - 2) if opts["normalize"] else m
+        return normalize(m, x.ndim - 2) if normalize_maps else m
 
     return [back(m) for m in maps] if isinstance(maps, list) else back(maps)
 
@@ -602,7 +617,7 @@ def method(
     """
 
     def register(fn: Callable[[Layer], Tensor]) -> Callable[..., Maps]:
-        spec = Spec(name or fn.__name__, fn, needs, dict(options or {}), eigen, fixed_target, forward_ad)
+        spec = Spec(name or fn.__name__, fn, needs, dict(options or {}), eigen, fixed_target, forward_ad=forward_ad)
 
         def public(
             model: Model, params: Params, x: Tensor, layer: Layers = None, target: Target = None, **opts: Any

@@ -235,8 +235,22 @@ def inference(traced: Traced, x: Tensor) -> Inference:
         graph = copy.deepcopy(traced.module.graph)
         fused = _fuse(graph, traced.module, traced.node_shapes(x))
         graph.lint()
-        found = traced.cache.inference[key] = _partition(traced, graph, fused)
+        found = _partition(traced, graph, fused)
+        if fused and not _runs(found, traced, x):  # oneDNN refuses some fusions (e.g. on a 1 x 1 map)
+            found = Inference(found.weights, found.run, 0)
+        traced.cache.inference[key] = found
     return found
+
+
+def _runs(fast: Inference, traced: Traced, x: Tensor) -> bool:
+    """Whether the fused program runs on an input like ``x`` (checked once per shape, on zeros)."""
+    state = dict(traced.defaults)
+    try:
+        with torch.no_grad():
+            fast.run(state, torch.zeros_like(x), *fast.weights(state))
+    except RuntimeError:
+        return False
+    return True
 
 
 def bind(traced: Traced, params: dict[str, Tensor], x: Tensor) -> Callable[[Tensor], Any]:

@@ -102,7 +102,7 @@ def uniform(
         (True, True, True)
     """
     key = (tuple(shape), ("uniform", low, high), seed, 0, dtype, str(device))  # seed at index 2, as gaussians'
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or exporting():
         return _replay(key)
     with torch._C._DisableFuncTorch():
         draw = torch.rand(tuple(shape), generator=generator(seed), dtype=torch.float32)

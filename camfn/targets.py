@@ -660,6 +660,8 @@ def binary(c: int) -> ScoreFn:
             )
         return sign * output[:, 0]
 
+    return score
+
 
 def rest(c: int | Tensor | None = None) -> ScoreFn:
     r"""Target: grad-cam's ``ClassifierOutputReST`` (ShapleyCAM, arXiv 2501.06261), logit minus cross-entropy.

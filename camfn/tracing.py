@@ -331,8 +331,16 @@ def _lock(lock: Any) -> Any:
     return contextlib.nullcontext() if torch.compiler.is_compiling() else lock
 
 
-def _cached(model: Any, key: tuple, stamp: tuple, build: Callable[[], Traced]) -> Traced:
+def _cached(model: Any, key: tuple, stamp: Callable[[], tuple] | tuple, build: Callable[[], Traced]) -> Traced:
+    """The cached trace under ``key`` while its fingerprint equals ``stamp`` (a tuple or a function giving it),
+    else a new one. Inside ``torch.compile`` the trace that :func:`camfn.compiled`'s eager warm-up cached is
+    read without recomputing the fingerprint (dynamo cannot compare arbitrary module attributes): a compiled
+    function explains the model as it was when it was compiled."""
     per_model = _CACHE.get(model)
+    if torch.compiler.is_compiling() and per_model is not None and key in per_model:
+        return per_model[key][1]
+    if callable(stamp):
+        stamp = stamp()
     if per_model is not None:
         hit = per_model.get(key)
         if hit is not None and _same(hit[0], stamp):
@@ -414,7 +422,10 @@ def trace(model: nn.Module, *, hooks: HookPolicy = "error", tracer_options: dict
     if tracer_options is not None and not isinstance(tracer_options, dict):
         raise OptionError(f"tracer_options must be a dict or None, got {type(tracer_options).__name__}")
     return _cached(
-        model, ("fx", hooks, _freeze(tracer_options)), fingerprint(model), lambda: _fx(model, hooks, tracer_options)
+        model,
+        ("fx", hooks, _freeze(tracer_options)),
+        lambda: fingerprint(model),
+        lambda: _fx(model, hooks, tracer_options),
     )
 
 
@@ -631,7 +642,10 @@ def trace_export(
     """
     model = _check_module(model)
     key = ("export", hooks, tuple(x.shape[1:]), x.dtype, x.device.type, _freeze(model_kwargs))
-    stamp = fingerprint(model)
+
+    def stamp() -> tuple:
+        return fingerprint(model)
+
     result = _cached(model, key, stamp, lambda: _export(model, x, hooks, model_kwargs))
     if result.batch is not None and result.batch != x.shape[0]:  # traced at another fixed batch size
         b = x.shape[0]

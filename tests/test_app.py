@@ -124,7 +124,7 @@ def test_bad_choices_raise_camfn_errors(loaded: cli.Model, demo: cli.Sample, tmp
     with pytest.raises(TargetError, match="5 classes"):
         app.explain(loaded, demo, None, ["gradcam"], 5)
     with pytest.raises(OptionError, match="colormap"):
-        app.explain(loaded, demo, None, ["gradcam"], cmap="rainbow")
+        app.explain(loaded, demo, None, ["gradcam"], cmap="no-such-colormap")
     with pytest.raises(TargetError, match="class index"):
         app._parse_target("triangle")
     broken = tmp_path / "broken.png"

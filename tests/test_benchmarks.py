@@ -153,7 +153,8 @@ def test_benchmark_modules_import_no_benchmark_module_but_common():
             for a in n.names
         }
         ours = {m for m in imported if m.split(".")[0] == "benchmarks"}
-        assert ours <= {"benchmarks.common"}, (name, ours)
+        allowed = {"benchmarks.common"} | ({"benchmarks.speed"} if name == "gpu" else set())  # the GPU race reuses it
+        assert ours <= allowed, (name, ours)
 
 
 def test_every_benchmark_module_imports_first_in_a_fresh_process():

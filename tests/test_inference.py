@@ -21,7 +21,7 @@ def _models() -> dict[str, tuple[nn.Module, int]]:
         "vgg11_bn": (torchvision.models.vgg11_bn(num_classes=10), 8),
         "squeezenet1_1": (torchvision.models.squeezenet1_1(num_classes=10), 26),  # conv -> ReLU, no BatchNorm
         # convolutions inside torchvision.ops leaf modules (Conv2dNormActivation) stay as they are
-        "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small(num_classes=10), 0),
+        "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small(num_classes=10), 0),  # oneDNN refuses: plain
         "gapnet": (GapNet(), 2),
         "residual": (Residual(), 2),
     }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import defaults
-from ..driver import REGISTRY, Maps, Spec, signature
+from ..driver import REGISTRY, Maps, Spec, augmented, signature
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
 from ..postprocess import finish, largest, resize
@@ -87,6 +87,15 @@ def composite(
             own = {k: options[k].check(opts.pop(k), k) if k in opts else options[k].default for k in options}
             if isinstance(own.get("base"), str):
                 own["base"] = _base(own["base"], "base")
+            if opts.get("aug_smooth"):  # around the whole method, as for every other method
+                inner = {**opts, "aug_smooth": False}
+                trace, shared = trace_with(model, params, x, {k: v for k, v in inner.items() if k in TRACING})
+
+                def top1() -> Target:
+                    return resolve(None, trace.program()(params, x), shared["output"])
+
+                run = lambda xs, t: fn(model, params, xs, layer, t, own, dict(inner))  # noqa: E731
+                return augmented(run, x, target, top1, inner.get("normalize", True))
             return fn(model, params, x, layer, target, own, opts)
 
         public.__name__ = public.__qualname__ = fn.__name__
@@ -349,7 +358,8 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
     for s in scales:
         short, long = min(height, width), max(height, width)
         size = (s, int(s * long / short)) if height <= width else (int(s * long / short), s)
-        scaled = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        wide = x if x.dtype in (torch.float32, torch.float64) else x.float()  # antialiasing has no half kernel on CPU
+        scaled = F.interpolate(wide, size=size, mode="bilinear", align_corners=False, antialias=True).to(x.dtype)
         corners = [
             (x1, y1) for y1 in window_starts(size[0], step, window) for x1 in window_starts(size[1], step, window)
         ]
