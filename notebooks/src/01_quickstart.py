@@ -36,11 +36,16 @@ display(viz.overlay(picture, maps[0], scale=4))
 # %% [markdown]
 # ## Every method in one picture
 #
-# `camfn.METHODS` holds all methods by name; `viz.grid` draws one overlay per method (a single image wraps
-# onto lines of 5).
+# `camfn.METHODS` holds all methods by name (`spec.requires` names what a method needs beyond a spatial layer:
+# LeGrad needs attention blocks, so this CNN skips it); `viz.grid` draws one overlay per method (a single image
+# wraps onto lines of 5).
 
 # %%
-every = {name: method(model, params, x, shapes.LAYER, label) for name, method in camfn.METHODS.items()}
+every = {
+    name: method(model, params, x, shapes.LAYER, label)
+    for name, method in camfn.METHODS.items()
+    if method.spec.requires is None
+}
 display(viz.grid([picture], every, cell=128))
 
 # %% [markdown]
