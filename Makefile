@@ -28,12 +28,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format .
 
 # Every benchmark table in README (about 55 minutes on 2 cores); each writes benchmarks/results/*.md.
-FAST_METHODS := gradcam gradcampp xgradcam layercam hirescam gradcam_elementwise eigencam eigengradcam cam smooth_gradcampp
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.perturbation --methods score --markdown > benchmarks/results/perturbation.md
-	$(BIN)/python -m benchmarks.speed --methods $(FAST_METHODS) --models resnet18 resnet50 --batches 1 8 --markdown
-	$(BIN)/python -m benchmarks.speed --methods ablationcam scorecam sscam iscam --models resnet18 \
-		--markdown benchmarks/results/speed-slow.md
+	$(BIN)/python -m benchmarks.speed --kind fast --models resnet18 resnet50 --batches 1 8 --markdown
+	$(BIN)/python -m benchmarks.speed --kind slow --models resnet18 --markdown benchmarks/results/speed-slow.md
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
 	$(BIN)/python -m benchmarks.overhead --before 0dce887 --markdown
 	$(BIN)/python -m benchmarks.score_sizes --markdown

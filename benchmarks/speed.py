@@ -172,6 +172,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--noise-samples", type=int, default=2, help="n of sscam and iscam in both libraries (defaults 35, 10) [2]"
     )
     parser.add_argument("--quick", action="store_true", help="resnet18, batch 1, 112 px, fast methods + scorecam")
+    parser.add_argument(
+        "--kind",
+        choices=("all", "fast", "slow"),
+        default="all",
+        help="race only the fast (one forward and backward) or the slow (many forwards) methods [all]",
+    )
     report_options(parser, RESULTS, RESULTS_QUICK)
     if "--gradcam-detail" in (sys.argv[1:] if argv is None else argv):
         parser.error("the Grad-CAM detail has its own script: python -m benchmarks.gradcam_detail")
@@ -183,6 +189,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.kind != "all":
+        args.methods = [m for m in args.methods if BY_NAME[m].slow == (args.kind == "slow")]
     if args.markdown == "":
         args.markdown = RESULTS_QUICK if args.quick else RESULTS
     if min(args.repeats, args.slow_repeats, args.noise_samples, *args.batches, *args.slow_batches) < 1:

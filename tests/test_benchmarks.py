@@ -215,3 +215,9 @@ def test_common_doctests():
     from benchmarks import common
 
     assert doctest.testmod(common).failed == 0
+
+
+def test_race_kind_splits_the_registry_without_a_hand_kept_list():
+    fast, slow = speed.parse(["--kind", "fast"]).methods, speed.parse(["--kind", "slow"]).methods
+    assert set(fast) | set(slow) == set(speed.parse([]).methods) and not set(fast) & set(slow)
+    assert "gradcam" in fast and "scorecam" in slow and all(speed.BY_NAME[m].slow for m in slow)
