@@ -352,15 +352,7 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
         )
     if not isinstance(model, nn.Module) and not callable(model):
         raise_model(model)
-    trace = traced(
-        model,
-        params,
-        x,
-        tracer=opts["tracer"],
-        hooks=opts["hooks"],
-        tracer_options=opts["tracer_options"],
-        model_kwargs=opts["model_kwargs"],
-    )
+    trace = trace_of(model, params, x, opts)
     check_params(params, trace, x)
     layer, target, hint = _adapted(model, params, trace, x, layer, target, opts, spec)
     if opts["aug_smooth"]:
@@ -449,6 +441,19 @@ def _tokens_layer(trace: Traced, node: str, x: Tensor) -> bool:
     return info is not None and len(info[0]) == 3 and x.ndim == 4
 
 
+def trace_of(model: Model, params: Params, x: Tensor, opts: Mapping[str, Any]) -> Traced:
+    """The trace a call runs on, chosen by the validated shared options (``tracer``, ``hooks``, ...)."""
+    return traced(
+        model,
+        params,
+        x,
+        tracer=opts["tracer"],
+        hooks=opts["hooks"],
+        tracer_options=opts["tracer_options"],
+        model_kwargs=opts["model_kwargs"],
+    )
+
+
 def _resolve(
     trace: Traced, model: Model, params: Params, layer: Layers, x: Tensor, opts: dict
 ) -> tuple[Traced, list[str], bool]:
@@ -461,7 +466,7 @@ def _resolve(
         paths = dict(model.named_modules()) if isinstance(model, nn.Module) else {}
         if opts["tracer"] != "auto" or trace.tracer != "fx" or not names or not all(n in paths for n in names):
             raise
-        trace = traced(model, params, x, tracer="export", hooks=opts["hooks"], model_kwargs=opts["model_kwargs"])
+        trace = trace_of(model, params, x, {**opts, "tracer": "export"})
         nodes, single = resolve_layers(trace, model, layer, x)
     return trace, nodes, single
 

@@ -117,6 +117,7 @@ class Traced:
     batch: int | None = None  # the batch size the graph is fixed to (None: any)
     prefix_tokens: int | None = None
     cache: Cache = field(default_factory=Cache)
+    by_name: dict[str, str] | None = None  # user-facing name -> node name, built on first use
     checked: tuple | None = None  # the last params dict found valid (camfn.checks.check_params), and its tensors
     shapes: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -156,9 +157,10 @@ class Traced:
 
     def resolve(self, layer: str) -> str:
         """fx node name for a node name (``"layer4.1.relu_1"``) or module path (``"layer4"``)."""
-        by_qual = {q: n for n, q in self.qualname.items()}
-        if layer in by_qual:
-            return by_qual[layer]
+        if self.by_name is None:  # derived once per trace (resolve runs on every call)
+            self.by_name = {q: n for n, q in self.qualname.items()}
+        if layer in self.by_name:
+            return self.by_name[layer]
         if layer in self.qualname:  # an fx node name
             return layer
         depth = layer.count(".") + 1

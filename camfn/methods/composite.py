@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import defaults
-from ..driver import REGISTRY, Maps, Spec, augmented, signature
+from ..driver import REGISTRY, Maps, Spec, augmented, signature, trace_of
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
 from ..postprocess import finish, largest, resize
 from ..targets import Target, _logits, classes, contrastive, pick, resolve
-from ..tracing import Model, Params, traced
+from ..tracing import Model, Params
 
 __all__ = ["finercam", "refinecam", "sess"]
 
@@ -121,15 +121,7 @@ TRACING = ("tracer", "hooks", "tracer_options", "model_kwargs", "output")
 def trace_with(model: Model, params: Params, x: Tensor, options: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The model traced with the (validated) shared ``options``, and those options with defaults filled in."""
     shared = validate(options, {})
-    trace = traced(
-        model,
-        params,
-        x,
-        tracer=shared["tracer"],
-        hooks=shared["hooks"],
-        tracer_options=shared["tracer_options"],
-        model_kwargs=shared["model_kwargs"],
-    )
+    trace = trace_of(model, params, x, shared)
     if shared["output"] is None and isinstance(model, nn.Module):  # the model family's output= (HF: logits)
         shared["output"] = defaults(model, params, trace, x).output
     return trace, shared
