@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -475,6 +476,8 @@ def _resolve(
 def _nonfinite_samples(t: Tensor) -> list[int]:
     """Indices of the samples of ``t`` with a NaN or Inf (empty where values cannot be read)."""
     if not concrete(t) or not (t.is_floating_point() or t.is_complex()):
+        return []
+    if t.is_floating_point() and math.isfinite(float(t.detach().sum())):  # a NaN or Inf makes the sum one
         return []
     bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(1)
     return bad.nonzero().flatten().tolist() if bool(bad.any()) else []

@@ -31,12 +31,14 @@ Size = str | tuple[int, ...] | None
 
 
 def normalize(maps: Tensor, ndim: int = 2) -> Tensor:
-    """Min-max normalise each map over its last ``ndim`` (spatial) axes to ``[0, 1]``; flat maps -> 0."""
+    """Min-max normalise each map over its last ``ndim`` (spatial) axes to ``[0, 1]``; flat maps -> 0.
+
+    A flat map has ``maps - low == 0`` exactly, so dividing it by 1 instead of its zero range gives zeros; a
+    map with a NaN stays NaN (it is never disguised as a flat map)."""
     dims = tuple(range(-ndim, 0))
     low = maps.amin(dim=dims, keepdim=True)
     span = maps.amax(dim=dims, keepdim=True) - low
-    ok = span > 0
-    return torch.where(ok, (maps - low) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(maps))
+    return (maps - low) / torch.where(span > 0, span, 1.0)
 
 
 def resize(maps: Tensor, size: Sequence[int]) -> Tensor:

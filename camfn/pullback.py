@@ -118,7 +118,11 @@ def _autograd(injected: Injected, p: Params, x: Tensor, score: Any) -> Gradients
         for g, d in zip(grads, deltas, strict=True)
     )
     if not graph:
-        output = torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
+        output = (
+            output.detach()
+            if isinstance(output, Tensor)
+            else torch.utils._pytree.tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, output)
+        )
         s, acts = s.detach(), tuple(a.detach() for a in acts)
         shaped = tuple(g.detach() for g in shaped)
     return Gradients(output, tuple(acts), shaped, s.unsqueeze(1) if squeeze else s, squeeze)

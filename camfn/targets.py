@@ -422,7 +422,8 @@ def classes(
             "callables; use a gradient method such as gradcam for those, or pass the classes as a tensor"
         )
     if isinstance(target, int):
-        _check_range(_as_index(target, "target class"), num_classes)
+        if not (num_classes is not None and 0 <= target < num_classes):  # else checked as a tensor
+            _check_range(_as_index(target, "target class"), num_classes)
         return (lambda out: torch.full((out.shape[0], 1), target, dtype=torch.long, device=out.device)), True
     if not isinstance(target, Tensor):
         raise TargetError(

@@ -52,10 +52,11 @@ class Net(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(6, classes)
         self.temperature = 1.0
+        self.scales = [1.0]  # a list read in forward: edited in place, it must count as a change
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.block(F.relu(self.stem(x)))
-        return self.fc(self.pool(a).flatten(1)) * self.temperature
+        return self.fc(self.pool(a).flatten(1)) * self.temperature * self.scales[0]
 
 
 def _net(seed: int) -> Net:
@@ -152,7 +153,14 @@ def _changes():
         net.block.relu.inplace = False
         net.pool = nn.AdaptiveMaxPool2d(1)
 
-    return [stride, temperature, padding, eps, submodule, parameter, assign, mode]
+    def list_item(net: Net) -> None:
+        net.scales[0] = -2.0
+
+    def deleted(net: Net) -> None:  # a parameter removed (the graph reads no bias any more)
+        del net.stem.bias
+        net.stem.bias = None
+
+    return [stride, temperature, padding, eps, submodule, parameter, assign, mode, list_item, deleted]
 
 
 @pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
@@ -169,6 +177,19 @@ def test_next_call_explains_the_changed_model(change, name: str) -> None:
     torch.testing.assert_close(after, expected, rtol=1e-10, atol=1e-12)
     assert not torch.allclose(before, net(x))  # the change matters
     torch.testing.assert_close(camfn.apply(net, camfn.params(net), x), net(x), rtol=1e-12, atol=1e-12)
+
+
+def test_hooks_added_and_removed_are_seen(model: Net) -> None:
+    x = image(2, 12, seed=6)
+    net = copy.deepcopy(model)
+    clean = camfn.gradcam(net, camfn.params(net), x, "block", 1)
+    handle = net.block.register_forward_hook(lambda m, i, o: o * 2 - 1)
+    with pytest.raises(camfn.errors.HookError):
+        camfn.gradcam(net, camfn.params(net), x, "block", 1)
+    kept = camfn.gradcam(net, camfn.params(net), x, "block", 1, hooks="keep")
+    assert not torch.allclose(kept, clean)  # the hook runs, so the kept trace is not the clean one
+    handle.remove()
+    torch.testing.assert_close(camfn.gradcam(net, camfn.params(net), x, "block", 1), clean, rtol=0, atol=0)
 
 
 def test_unchanged_model_reuses_its_trace(model: Net) -> None:
