@@ -400,6 +400,7 @@ def test_bad_options_raise_clear_errors(tiny):
 # ------------------------------------------------------------------------------- fullgrad on every tracer
 def _tracers(model: nn.Module, p: dict, x: torch.Tensor, t: torch.Tensor, tracers=("fx", "export"), field=None):
     """fx, torch.export and a model_fn give the same FullGrad maps in both conventions (float64, 1e-10)."""
+
     def fn(q: dict, xs: torch.Tensor) -> torch.Tensor:
         out = torch.func.functional_call(model, q, (xs,))
         return out if field is None else getattr(out, field)
@@ -471,7 +472,9 @@ def test_fullgrad_on_hugging_face_models(name):
         config = T.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=4)
         model = T.ResNetForImageClassification(config)
     else:
-        model = T.ConvNextForImageClassification(T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=4))
+        model = T.ConvNextForImageClassification(
+            T.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=4)
+        )
     model = randomize_bn(model).double().eval()
     x, classes = image(2, 64, seed=5), [1, 3]
     p = camfn.params(model)
@@ -489,5 +492,3 @@ def test_fullgrad_on_hugging_face_models(name):
                 return self.inner(xs).logits
 
         close(ours, reference(FullGrad, Logits(model), x, [], [ClassifierOutputTarget(c) for c in classes]))
-
-
