@@ -360,6 +360,34 @@ def test_nmf_recovers_a_planted_factorisation():
     assert bool((match.amax(1) > 1 - 1e-8).all()) and sorted(match.argmax(1).tolist()) == list(range(n))
 
 
+def test_dff_vmap_and_compiled_equal_loops(gapnet_double):
+    """vmap over images = one dff per image; over stacked parameter sets = one dff per set; camfn.compiled =
+    eager. Under both transforms exactly max_iter sweeps run, as eagerly with tol=None."""
+    net, x = gapnet_double
+    p = camfn.params(net)
+    fixed = {"n": 2, "max_iter": 30, "tol": None}
+    loop = [dff(net, p, x[i : i + 1], "act", **fixed, head=net.fc) for i in range(2)]
+    mapped = torch.func.vmap(lambda xi: dff(net, p, xi[None], "act", n=2, max_iter=30, head=net.fc))(x)
+    assert mapped.maps.shape == (2, 1, 2, *x.shape[2:])  # each image: its own (1, n, H, W) concept maps
+    for field in ("concepts", "maps", "scores", "error"):
+        close(getattr(mapped, field), torch.stack([getattr(o, field) for o in loop]), 1e-10)
+    assert torch.equal(mapped.classes, torch.stack([o.classes for o in loop]))
+    other = {k: v * 1.5 if v.is_floating_point() else v for k, v in p.items()}
+    per_set = torch.func.vmap(lambda q: dff(net, q, x, "act", n=2, max_iter=30).concepts)(
+        camfn.stack_params([p, other])
+    )
+    close(per_set[1], dff(net, other, x, "act", **fixed).concepts, 1e-10)
+    assert (per_set[0] - per_set[1]).abs().max() > 1e-3  # the two sets really differ
+    fast = camfn.compiled(dff, net, "act", backend="eager", **fixed)
+    eager = dff(net, p, x, "act", **fixed)
+    close(fast(p, x).maps, eager.maps, 1e-10)
+    close(fast(p, x).concepts, eager.concepts, 1e-10)
+    with pytest.raises(camfn.TargetError, match="no target"):
+        fast(p, x, 1)
+    with pytest.raises(camfn.OptionError, match="max_iter"):
+        dff(net, p, x, "act", max_iter=0)
+
+
 def test_dff_errors_and_overlay(tiny):
     net, p, x = tiny
     with pytest.raises(camfn.LayerError, match="one layer"):
