@@ -20,8 +20,7 @@ grad-cam's scaling, LeGrad on a tiny random torchvision ViT of its own (``vit_ti
 
 FullGrad and ShapleyCAM against grad-cam on resnet50 at batch 8 (grad-cam's FullGrad takes minutes a call)::
 
-    python -m benchmarks.speed --methods fullgrad shapleycam --models resnet50 --batches 8 --repeats 2 \
-        --markdown benchmarks/results/fullgrad-shapleycam.md
+    python -m benchmarks.speed --methods fullgrad shapleycam --models resnet50 --batches 8 --repeats 2
 
 Fast methods (one forward and backward each): one untimed call per contender, then ``--repeats`` rounds in
 which camfn, grad-cam and torchcam run back to back; the median (and min) per contender is reported.
