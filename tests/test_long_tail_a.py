@@ -452,6 +452,16 @@ def test_fullgrad_same_maps_with_fx_export_and_model_fn(resnet, x64, gapnet_doub
     _tracers(net, camfn.params(net), x, torch.tensor([1, 4]))  # conv biases and BatchNorm
 
 
+def test_fullgrad_refuses_a_computed_bias():
+    p = {"w": torch.randn(2, 3, 3, 3, dtype=torch.float64), "b": torch.randn(2, dtype=torch.float64)}
+
+    def model_fn(q: dict, xs: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(xs, q["w"], q["b"] * 2).mean((2, 3))
+
+    with pytest.raises(camfn.LayerError, match=r"bias of 'conv2d'.*read it as is"):
+        camfn.fullgrad(model_fn, p, image(1, 8), None, 1)
+
+
 def _exact_gradcam_fullgrad(model: nn.Module, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """grad-cam's FullGrad convention from exact autograd: each conv/BatchNorm output replaced by a leaf."""
     layers, leaves = [], []

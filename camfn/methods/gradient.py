@@ -337,8 +337,8 @@ def _aten_biases(trace: Traced, node: fx.Node) -> tuple | None:
             return str(value.target)
         raise LayerError(
             f"fullgrad needs the {arg} of {trace.qualname.get(node.name, node.name)!r} as a parameter of the model, "
-            f"but the graph computes it ({value}); explain the model with tracer='fx' or pass the layer's "
-            "bias as a plain parameter"
+            f"but the graph computes it ({value}); read it as is from params (a model_fn: p['b'], not a function "
+            "of it), or for a module explain it with tracer='fx'"
         )
 
     bias = key("bias")
