@@ -13,7 +13,14 @@ contenders get the same input and one class per image: ``camfn.<method>(model, p
 [model.<layer>[-1]])(input_tensor=x, targets=...)``, numpy maps resized to the input with cv2) and the
 torchcam class (``Class(model, layer)``: a forward, then ``extractor(class_idx, scores)``; maps at the layer's
 resolution, not resized). Each library has its own ``copy.deepcopy`` of the model (same weights); one
-reference extractor lives at a time and its hooks are removed before the next method.
+reference extractor lives at a time and its hooks are removed before the next method. Methods that differ
+from that plain case say how in :data:`SETUPS` (fields of :class:`Method`): RefineCAM at layer2+3+4, SESS
+with 3 scales (a slow method), Finer-CAM on each image's top-1 class (grad-cam picks it), FullGrad with
+grad-cam's scaling, LeGrad on a tiny random torchvision ViT of its own (``vit_tiny``, after the CNNs).
+
+FullGrad and ShapleyCAM against grad-cam on resnet50 at batch 8 (grad-cam's FullGrad takes minutes a call)::
+
+    python -m benchmarks.speed --methods fullgrad shapleycam --models resnet50 --batches 8 --repeats 2
 
 Fast methods (one forward and backward each): one untimed call per contender, then ``--repeats`` rounds in
 which camfn, grad-cam and torchcam run back to back; the median (and min) per contender is reported.
@@ -81,6 +88,12 @@ class Method:
 
     ``slow``: many forwards per call (batch and layer from the ``--slow-*`` options). ``torchcam_call``: how
     torchcam is driven, ``"grad"`` (forward with gradients, scores passed) or ``"forward"`` (no_grad forward).
+    The rest is how a method differs from "one layer, one class per image, default options" (:data:`SETUPS`):
+    ``layers`` (a list of layers instead of ``--layer``: camfn gets the names, grad-cam the modules, torchcam
+    the names), ``options`` (passed alike to camfn and to the references' constructors), ``ours`` (camfn
+    options only, e.g. the grad-cam convention where camfn's default differs), ``target``
+    (``"top1"``: every library explains each image's top-1 class and picks it itself), ``model`` (a model of
+    :data:`OWN_MODELS` raced instead of ``--models``).
     """
 
     name: str
@@ -88,6 +101,11 @@ class Method:
     torchcam: str | None
     slow: bool = False
     torchcam_call: str = "grad"
+    layers: tuple[str, ...] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    ours: dict[str, Any] = field(default_factory=dict)
+    target: str = "classes"
+    model: str | None = None
 
 
 REFERENCES: dict[str, tuple[str | None, str | None]] = {
@@ -111,17 +129,54 @@ REFERENCES: dict[str, tuple[str | None, str | None]] = {
     "kpcacam": ("KPCA_CAM", None),
     "fem": ("FEM", None),
     "randomcam": ("RandomCAM", None),  # random weights: times only (sobel, model-free, is not raced)
+    "finercam": ("FinerCAM", "FinerCAM"),  # camfn's default is grad-cam's convention; torchcam's differs
+    "refinecam": ("RefineCAM", "RefineCAM"),  # both references default to Grad-CAM++ as camfn
+    "sess": ("SESS", None),
+    "legrad": (None, "LeGrad"),
 }
 """camfn method name -> (grad-cam class, torchcam class): the one fact about a method camfn cannot know."""
+
+VIT_BLOCKS = ("encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1")
+
+
+def tiny_vit(size: int) -> nn.Module:
+    """A torchvision ViT with random weights at ``size`` px: 2 blocks of width 64, patches of 16 (LeGrad's model)."""
+    model = torchvision.models.VisionTransformer(
+        image_size=size, patch_size=16, num_layers=len(VIT_BLOCKS), num_heads=2, hidden_dim=64, mlp_dim=128
+    )
+    nn.init.normal_(model.heads.head.weight)  # torchvision initialises the head to zeros
+    return model.eval()
+
+
+OWN_MODELS: dict[str, Callable[[int], nn.Module]] = {"vit_tiny": tiny_vit}
+"""Models a method needs instead of the ``--models`` CNNs: name -> builder of the image size."""
+
+SETUPS: dict[str, dict[str, Any]] = {
+    "fullgrad": {"ours": {"scaling": "gradcam"}},  # grad-cam's per-channel scaling (camfn's default: the paper's)
+    "finercam": {"target": "top1"},  # grad-cam's FinerCAM picks the main class itself (targets=None)
+    "refinecam": {"layers": ("layer2", "layer3", "layer4")},
+    "sess": {"slow": True, "options": {"num_scales": 3}},  # 12 scales at 224 px: ~150 patches per image
+    "legrad": {"layers": VIT_BLOCKS, "model": "vit_tiny"},
+}
+"""camfn method name -> the :class:`Method` fields that differ from the plain case."""
 
 
 def torchcam_way(name: str) -> str:
     """torchcam's gradient methods take the scores of a forward with gradients; the others a no_grad forward."""
-    return "grad" if camfn.METHODS[name].spec.needs == "gradients" or name == "smooth_gradcampp" else "forward"
+    try:
+        import torchcam.methods
+    except ImportError:  # the references are optional until the race runs
+        return "grad"
+    cls = getattr(torchcam.methods, REFERENCES[name][1] or "", None)
+    return "grad" if cls is None or cls.__module__ == "torchcam.methods.gradient" else "forward"
 
 
 METHODS = tuple(
-    Method(name, *REFERENCES[name], slow=many_forwards(name), torchcam_call=torchcam_way(name))
+    Method(
+        name,
+        *REFERENCES[name],
+        **{"slow": many_forwards(name), "torchcam_call": torchcam_way(name), **SETUPS.get(name, {})},
+    )
     for name in camfn.METHODS
     if name in REFERENCES
 )
@@ -229,48 +284,72 @@ class Result:
 
 
 def camfn_options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
-    """``n=--noise-samples`` for the noise-sampling Score methods (the slow ones with an option ``n``)."""
-    return {"n": args.noise_samples} if method.slow and "n" in camfn.METHODS[method.name].spec.options else {}
+    """The method's own race options, and ``n=--noise-samples`` for the noise-sampling Score methods."""
+    noise = method.slow and "n" in camfn.METHODS[method.name].spec.options
+    return {**method.options, **method.ours, **({"n": args.noise_samples} if noise else {})}
 
 
-def torchcam_options(method: Method, args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {"input_shape": (3, args.size, args.size)}
+def torchcam_options(method: Method, args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    import inspect
+
+    options: dict[str, Any] = {}
+    if "input_shape" in inspect.signature(cls).parameters:
+        options["input_shape"] = (3, args.size, args.size)
     if method.name == "cam":
         options["fc_layer"] = "fc"
-    if camfn_options(method, args):
+    if "n" in camfn_options(method, args):
         options["num_samples"] = args.noise_samples
     return options
 
 
-def gradcam_extractor(method: Method, model: nn.Module, layer: str):
-    """The grad-cam object and a function that removes its hooks."""
+def layer_of(method: Method, args: argparse.Namespace) -> str | list[str]:
+    """The layer (or list of layers) the method is raced at."""
+    if method.layers is not None:
+        return list(method.layers)
+    return args.slow_layer if method.slow else args.layer
+
+
+def gradcam_extractor(method: Method, model: nn.Module, layer: str | list[str]):
+    """The grad-cam object and a function that removes its hooks (also of the base methods it wraps)."""
     import pytorch_grad_cam
 
-    extractor = getattr(pytorch_grad_cam, method.gradcam)(model, [last_module(model, layer)])
-    return extractor, extractor.activations_and_grads.release
+    layers = [last_module(model, name) for name in ([layer] if isinstance(layer, str) else layer)]
+    extractor = getattr(pytorch_grad_cam, method.gradcam)(model, layers, **method.options)
+    inner = [extractor, getattr(extractor, "base_cam", None), *getattr(extractor, "base_cam_per_layer", [])]
+    hooks = [e.activations_and_grads for e in inner if hasattr(e, "activations_and_grads")]
+
+    def release() -> None:
+        for h in hooks:
+            h.release()
+
+    return extractor, release
 
 
-def torchcam_extractor(method: Method, model: nn.Module, layer: str, args: argparse.Namespace):
+def torchcam_extractor(method: Method, model: nn.Module, layer: str | list[str], args: argparse.Namespace):
     """The torchcam object and a function that removes its hooks."""
     import torchcam.methods
 
-    extractor = getattr(torchcam.methods, method.torchcam)(model, layer, **torchcam_options(method, args))
+    cls = getattr(torchcam.methods, method.torchcam)
+    extractor = cls(model, layer, **torchcam_options(method, args, cls))
     return extractor, extractor.remove_hooks
 
 
-def gradcam_call(extractor, x: Tensor, classes: list[int]) -> np.ndarray:
+def gradcam_call(extractor, x: Tensor, classes: list[int] | None) -> np.ndarray:
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    return extractor(input_tensor=x, targets=[ClassifierOutputTarget(c) for c in classes])
+    targets = None if classes is None else [ClassifierOutputTarget(c) for c in classes]
+    return extractor(input_tensor=x, targets=targets)
 
 
-def torchcam_call(extractor, model: nn.Module, x: Tensor, classes: list[int], how: str) -> Tensor:
+def torchcam_call(extractor, model: nn.Module, x: Tensor, classes: list[int] | None, how: str) -> Tensor:
     if how == "grad":
         with torch.enable_grad():
-            return extractor(class_idx=classes, scores=model(x))[0]
+            scores = model(x)
+            picked = scores.argmax(1).tolist() if classes is None else classes
+            return extractor(class_idx=picked, scores=scores)[0]
     with torch.no_grad():
-        model(x)
-    return extractor(class_idx=classes)[0]
+        scores = model(x)
+    return extractor(class_idx=scores.argmax(1).tolist() if classes is None else classes)[0]
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -297,10 +376,17 @@ def run_method(
     label: str,
 ) -> Result:
     """Time camfn and the references on one method; the references' hooks are removed afterwards."""
-    layer = args.slow_layer if method.slow else args.layer
-    listed = classes.tolist()
+    layer = layer_of(method, args)
+    top1 = method.target == "top1"  # every library picks each image's top-1 class itself
+    listed = None if top1 else classes.tolist()
     fn = functools.partial(
-        camfn.METHODS[method.name], models["camfn"], params, x, layer, classes, **camfn_options(method, args)
+        camfn.METHODS[method.name],
+        models["camfn"],
+        params,
+        x,
+        layer,
+        None if top1 else classes,
+        **camfn_options(method, args),
     )
     contenders = {"camfn": Contender("camfn", fn)}
     releases = []
@@ -333,14 +419,22 @@ def run_method(
     finally:
         for release in releases:
             release()
-    note = f"n={args.noise_samples}" if camfn_options(method, args) else ""
-    return Result("", x.shape[0], method.name, layer, contenders, note)
+    note = ", ".join(f"{k}={v}" for k, v in camfn_options(method, args).items()) + (" top-1" if top1 else "")
+    shown = layer if isinstance(layer, str) else "+".join(name.rsplit(".", 1)[-1] for name in layer)
+    return Result("", x.shape[0], method.name, shown, contenders, note.strip())
 
 
-def race_model(model_name: str, args: argparse.Namespace, meter: Meter) -> list[Result]:
-    """All methods on one model, for each batch size (slow methods only at the slow batch sizes)."""
+def methods_on(model_name: str, args: argparse.Namespace) -> list[str]:
+    """The chosen methods raced on ``model_name``: those with it as their own model, else those without one."""
+    own = model_name if model_name in OWN_MODELS else None
+    return [m for m in args.methods if BY_NAME[m].model == own]
+
+
+def race_model(model_name: str, args: argparse.Namespace, meter: Meter, methods: list[str]) -> list[Result]:
+    """``methods`` on one model, for each batch size (slow methods only at the slow batch sizes)."""
     torch.manual_seed(args.seed)
-    base = torchvision.models.get_model(model_name, weights=None).eval()
+    build = OWN_MODELS.get(model_name)
+    base = build(args.size) if build else torchvision.models.get_model(model_name, weights=None).eval()
     gen = torch.Generator().manual_seed(args.seed)
     batches = sorted(set(args.batches) | set(args.slow_batches))
     biggest = max(batches)
@@ -354,7 +448,7 @@ def race_model(model_name: str, args: argparse.Namespace, meter: Meter) -> list[
     results = []
     for b in batches:
         x, classes = x_all[:b].clone(), c_all[:b].clone()
-        for name in args.methods:
+        for name in methods:
             method = BY_NAME[name]
             if b not in (args.slow_batches if method.slow else args.batches):
                 continue
@@ -470,7 +564,7 @@ def header(args: argparse.Namespace, argv: list[str], memory: bool) -> list[str]
             f"{', '.join(map(str, args.slow_batches))} only, {args.slow_repeats} timed call(s), no warm-up"
             + (
                 f"; sscam/iscam with n={args.noise_samples} in both libraries"
-                if any(camfn_options(BY_NAME[m], args) for m in slow)
+                if any("n" in camfn_options(BY_NAME[m], args) for m in slow)
                 else ""
             )
         )
@@ -492,8 +586,11 @@ def race(argv: list[str] | None = None) -> str:
     meter = Meter(memory)
     share = Share()
     results = []
-    for model_name in args.models:
-        results += race_model(model_name, args, meter)
+    own = dict.fromkeys(BY_NAME[m].model for m in args.methods if BY_NAME[m].model)  # e.g. LeGrad's ViT
+    for model_name in (*args.models, *own):
+        methods = methods_on(model_name, args)
+        if methods:
+            results += race_model(model_name, args, meter, methods)
     busy = share.used()
     text = "\n".join(
         [

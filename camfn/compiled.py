@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .driver import Maps
-from .errors import InputError, OptionError
+from .errors import InputError, OptionError, TargetError
 from .layer_names import Layer
 from .noise import pinned
 from .runtime import FORWARD_AD
@@ -68,6 +68,16 @@ def _steady() -> Iterator[None]:
             gc.enable()
 
 
+def _takes_target(method: Method) -> bool:
+    """Whether ``method`` takes a ``target`` (every map method does; :func:`camfn.methods.factorization.dff` not)."""
+    import inspect
+
+    try:
+        return "target" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return True
+
+
 def _signature(x: Tensor, target: Target) -> tuple:
     shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
     return tuple(x.shape), x.dtype, x.device, shape
@@ -94,8 +104,14 @@ class Compiled:
         self._warm: set[tuple] = set()
         self._noise: dict[tuple, Tensor] = {}
 
+        takes_target = _takes_target(method)
+
         def call(params: Params, x: Tensor, target: Target) -> Maps:
-            return method(model, params, x, layer, target, **options)
+            if takes_target:
+                return method(model, params, x, layer, target, **options)
+            if target is not None:
+                raise TargetError(f"{method.__name__} takes no target: call the compiled function as f(params, x)")
+            return method(model, params, x, layer, **options)  # e.g. dff: concepts, not one map per target
 
         self.eager = call
         self.function = torch.compile(_fresh(call), fullgraph=True, dynamic=False, **compile_options)

@@ -101,7 +101,7 @@ class Cache:
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
     attention: dict[tuple, Any] = field(default_factory=dict)  # (pool,) -> legrad's (Program, blocks)
-    biases: tuple | None = None  # fullgrad: (node, module path, BatchNorm eps or None) of each bias layer
+    biases: tuple | None = None  # fullgrad: (node, bias key, BatchNorm keys and eps or None) of each bias layer
 
 
 @dataclass

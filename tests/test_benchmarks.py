@@ -91,6 +91,20 @@ def test_race_end_to_end_tiny():
     assert "vs torchcam" in row or "vs grad-cam" in row
 
 
+def test_race_wires_the_composite_methods_and_legrad():
+    """FinerCAM (top-1), RefineCAM (three layers), SESS and FullGrad agree with grad-cam; LeGrad races torchcam
+    on a tiny ViT of its own; FullGrad and ShapleyCAM run at the fast batches (resnet50 batch 8 is allowed)."""
+    args = speed.parse(["--methods", "fullgrad", "shapleycam", "--models", "resnet50", "--batches", "8"])
+    assert not any(speed.BY_NAME[m].slow for m in args.methods) and args.batches == [8]
+    argv = ["--models", "resnet18", "--methods", "finercam", "refinecam", "sess", "fullgrad", "legrad"]
+    text = speed.race([*argv, "--size", "64", "--repeats", "1", "--batches", "1", "--threads", "1"])
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    for name in ("finercam", "refinecam", "sess", "fullgrad"):
+        assert float(rows[name].rstrip(" |").rsplit("|", 1)[1]) < 1e-4, rows[name]  # measured <= 1.1e-6
+    assert "layer2+layer3+layer4" in rows["refinecam"] and "num_scales=3" in rows["sess"]
+    assert "vs torchcam" in rows["legrad"] and "### vit_tiny, batch 1, 64 px" in text
+
+
 def test_gradcam_detail_parser_still_reachable():
     args = gradcam_detail.parse(["--quick"])
     assert (args.model, args.batch, args.size) == ("resnet18", 2, 112)
@@ -177,7 +191,7 @@ def test_race_methods_follow_camfn_registry_order():
     order = list(camfn.METHODS)
     names = [m.name for m in speed.METHODS]
     assert names == sorted(names, key=order.index)
-    assert {m.name for m in speed.METHODS if m.slow} == {"ablationcam", "scorecam", "sscam", "iscam"}
+    assert {m.name for m in speed.METHODS if m.slow} == {"ablationcam", "scorecam", "sscam", "iscam", "sess"}
     assert {m.name for m in speed.METHODS if m.torchcam_call == "forward"} >= {"cam", "scorecam"}
 
 

@@ -269,10 +269,6 @@ def test_model_fn_equals_the_module_for_every_method(model: Net) -> None:
     for name, method in CNN_METHODS.items():
         if name == "cam":  # the classifier is found as a module
             continue
-        if name == "fullgrad":  # its bias layers are conv and BatchNorm modules of an fx graph: a clear error
-            with pytest.raises(camfn.LayerError, match="tracer='fx'"):
-                method(fn, p, x, node, 2, **_options(name))
-            continue
         ours = method(fn, p, x, node, 2, **_options(name))
         ref = method(model, p, x, "block", 2, **_options(name))
         torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-10, msg=name)

@@ -202,8 +202,58 @@ def test_sess_one_scale_one_window_is_the_blurred_base_map(resnet, x):
         camfn.sess(resnet, p, x, "layer4", 3, scales=[32])
     with pytest.raises(camfn.OptionError, match="must fit"):
         camfn.sess(resnet, p, x, "layer4", 3, window_size=65)
-    with pytest.raises(camfn.TargetError, match="class"):
-        camfn.sess(resnet, p, x, "layer4", lambda out: out[:, 0])
+    with pytest.raises(camfn.InputError, match="2-D windows"):
+        camfn.sess(resnet, p, x[:, :, 0], "layer4", 3)
+
+
+def test_sess_takes_every_target_form(resnet, x):
+    """(B, T) classes = T single-class calls; a callable, per-sample callables (grad-cam's target objects, also
+    against grad-cam's SESS) and camfn.targets.logit = the class tensor; a batch = its samples one by one."""
+    from pytorch_grad_cam import SESS, GradCAM
+
+    p, kw = camfn.params(resnet), {"num_scales": 2}
+    classes = torch.tensor([[2, 9], [5, 1]])
+    many = camfn.sess(resnet, p, x, "layer4", classes, **kw)
+    assert many.shape == (2, 2, 64, 64)
+    one = camfn.sess(resnet, p, x, "layer4", classes[:, 0], **kw)
+    _close(many[:, 0], one, 1e-12)
+    _close(many[:, 1], camfn.sess(resnet, p, x, "layer4", classes[:, 1], **kw), 1e-12)
+    _close(camfn.sess(resnet, p, x, "layer4", lambda out: out.gather(1, classes), **kw), many, 1e-12)
+    _close(camfn.sess(resnet, p, x, "layer4", camfn.targets.logit(classes[:, 0]), **kw), one, 1e-12)
+    targets = _gc_targets(classes[:, 0])
+    _close(camfn.sess(resnet, p, x, "layer4", targets, **kw), one, 1e-12)
+    cam = SESS(resnet, [resnet.layer4], base_method=GradCAM, **kw)
+    theirs = cam(x, targets)
+    cam.base_cam.activations_and_grads.release()
+    _close(one, theirs, 1e-4)
+    alone = torch.cat([camfn.sess(resnet, p, x[i : i + 1], "layer4", classes[i : i + 1, 0], **kw) for i in range(2)])
+    _close(alone, one, 1e-12)
+    raw = {"use_softmax_scores": False, **kw}  # a callable on a non-logit output needs raw scores
+    column = lambda out: out[:, :, 0].gather(1, classes[:, :1]).squeeze(1)  # noqa: E731
+    as_3d = {"output": lambda out: out[:, :, None]}
+    with pytest.raises(camfn.OptionError, match="use_softmax_scores=False"):
+        camfn.sess(resnet, p, x, "layer4", column, **as_3d, **kw)
+    _close(
+        camfn.sess(resnet, p, x, "layer4", column, **as_3d, **raw),
+        camfn.sess(resnet, p, x, "layer4", classes[:, 0], **raw),
+        1e-12,
+    )
+    with pytest.raises(camfn.TargetError, match="2 sample"):
+        camfn.sess(resnet, p, x, "layer4", targets[:1], **kw)
+
+
+def test_sess_callable_under_vmap_and_compiled(gapnet):
+    import copy
+
+    net = copy.deepcopy(gapnet).double()
+    p = camfn.params(net)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    contrast = lambda out: out[:, 1] - out[:, 2]  # noqa: E731
+    both = camfn.sess(net, p, x, "relu", contrast, num_scales=2)
+    mapped = vmap(lambda xi: camfn.sess(net, p, xi[None], "relu", contrast, num_scales=2)[0])(x)
+    _close(mapped, both, 1e-10)
+    fast = camfn.compiled(camfn.sess, net, "relu", backend="eager", num_scales=2)
+    _close(fast(p, x, contrast), both, 1e-10)
 
 
 # ------------------------------------------------------------------------------------ every method

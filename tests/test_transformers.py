@@ -251,7 +251,6 @@ def test_similarity_target_parity(models, x, name):
 # ------------------------------------------------------------------------------- every method
 NEEDS_FX = {
     "legrad",
-    "fullgrad",
 }  # methods that rewrite a torch.fx graph (transformers models trace only with torch.export)
 
 

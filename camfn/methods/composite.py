@@ -20,7 +20,7 @@ from ..driver import REGISTRY, Maps, Spec, augmented, signature, trace_of
 from ..errors import InputError, OptionError, TargetError
 from ..options import Option, boolean, choice, finite, nonnegative, positive_int, validate
 from ..postprocess import finish, largest, resize
-from ..targets import Target, _logits, classes, contrastive, pick, resolve
+from ..targets import Target, _logits, classes, contrastive, is_callable, pick, resolve, scores
 from ..tracing import Model, Params
 
 __all__ = ["finercam", "refinecam", "sess"]
@@ -276,6 +276,24 @@ def _gaussian_blur(maps: Tensor, size: int = 11, sigma: float = 5.0) -> Tensor:
     return flat.reshape(maps.shape)
 
 
+def _patch(out: Any, p: int, n: int) -> Any:
+    """Patch ``p`` of every image in the output of ``(B n)`` patches ordered image-major (``out[p::n]``)."""
+    return torch.utils._pytree.tree_map(lambda t: t[p::n] if isinstance(t, Tensor) and t.ndim else t, out)
+
+
+def _bt(s: Tensor) -> Tensor:
+    return s.unsqueeze(1) if s.ndim == 1 else s
+
+
+def _per_patch(score: Callable[[Any], Tensor]) -> Callable[[int], Callable[[Any], Tensor]]:
+    """The target of the base method on ``(B n)`` patches: ``score`` applied to each patch position's batch."""
+
+    def on(n: int) -> Callable[[Any], Tensor]:
+        return lambda out: torch.stack([score(_patch(out, p, n)) for p in range(n)], 1).flatten(0, 1)
+
+    return on
+
+
 @composite(
     {
         "base": Option("gradcam", _base),
@@ -307,8 +325,13 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
     (0 where no patch counts), or ``pool="max"``: :math:`F = \max_P \tilde L_P`; then an OpenCV-style
     11 x 11 Gaussian blur (:math:`\sigma = 5`, ``smooth=True``) and min-max. Defaults as pytorch-grad-cam's
     ``SESS``; all patches of a scale go to the base method as one batch (grad-cam: 32 at a time), and the
-    dropped patches' maps are computed and masked rather than skipped. Targets: class indices
-    (``None``: the clean image's top-1 class for every patch). 2-D images only.
+    dropped patches' maps are computed and masked rather than skipped. Targets: every form the methods take
+    (:mod:`camfn.targets`): class indices (``None``: the clean image's top-1 class for every patch; ``(B, T)``
+    gives ``T`` maps), a callable ``output -> (B,)`` or ``(B, T)``, or ``B`` per-sample callables. A callable
+    scores the patches at one window position of all ``B`` images as one batch, so it sees ``B`` samples as on
+    ``x`` (``s_P`` is the callable on the softmax of the logits; with ``use_softmax_scores=False`` on the raw
+    output, e.g. a segmentation target). Images are scored independently: a batch equals its samples one
+    by one. 2-D images only (an :class:`~camfn.errors.InputError` otherwise).
 
     Example:
         >>> import torch, torchvision, camfn
@@ -318,20 +341,37 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
         torch.Size([1, 64, 64])
     """
     if x.ndim != 4:
-        raise InputError(f"sess slides 2-D windows: x must be (B, C, H, W) images, got shape {tuple(x.shape)}")
-    if callable(target) and not isinstance(target, Tensor):
-        raise TargetError("sess scores each patch by its class: pass None, an int or a (B,) / (B, T) class tensor")
+        raise InputError(
+            f"sess slides 2-D windows: x must be (B, C, H, W) images, got shape {tuple(x.shape)}; for volumes or "
+            "1-d signals use the base method directly"
+        )
     final = _finish_options(rest)
     trace, shared = trace_with(model, params, x, {k: v for k, v in rest.items() if k in TRACING})
     run = trace.program()
-
-    def logits_of(inputs: Tensor) -> Tensor:
-        return _logits(pick(run(params, inputs), shared["output"]), "sess")
-
     batch, height, width = x.shape[0], x.shape[-2], x.shape[-1]
-    clean = logits_of(x)
-    index, squeeze = classes(resolve(target, clean), batch, clean.shape[1])
-    idx = index(clean)  # (B, T)
+    clean = pick(run(params, x), shared["output"])
+    if is_callable(target):  # the callable scores each patch position's batch of B patches, as it scores x
+        score = scores(target, batch, None)
+        base_target = _per_patch(score)
+        squeeze = score(clean).ndim == 1
+    else:
+        index, squeeze = classes(resolve(target, clean, None), batch, _logits(clean, "sess").shape[1])
+        idx = index(clean)  # (B, T)
+        score, base_target = (lambda out: _logits(out, "sess").gather(1, idx)), None
+
+    def patch_scores(inputs: Tensor, n: int) -> Tensor:
+        """``(B, n, T)`` scores of the ``n`` patches of each image (``inputs``: ``(B n, C, w, w)``)."""
+        out = pick(run(params, inputs), shared["output"])
+        if own["use_softmax_scores"]:
+            if not isinstance(out, Tensor) or out.ndim != 2:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise OptionError(
+                    f"sess scores patches on the softmax of (B, num_classes) logits, but the output is {got}; pass "
+                    "use_softmax_scores=False (raw target scores, clipped at 0) or select the logits with output="
+                )
+            out = out.softmax(-1)
+        return torch.stack([_bt(score(_patch(out, p, n))) for p in range(n)], 1)
+
     window = own["window_size"] or min(height, width)
     step = own["step_size"] or window
     if own["scales"] is not None:
@@ -356,28 +396,27 @@ def sess(model: Model, params: Params, x: Tensor, layer: Any, target: Target, ow
             (x1, y1) for y1 in window_starts(size[0], step, window) for x1 in window_starts(size[1], step, window)
         ]
         patches = torch.stack([scaled[:, :, y : y + window, c : c + window] for c, y in corners], 1)  # (B, P, C, w, w)
-        out = logits_of(patches.flatten(0, 1)).unflatten(0, (batch, len(corners)))  # (B, P, n)
-        if own["use_softmax_scores"]:
-            out = out.softmax(-1)
-        picked = out.gather(2, idx.unsqueeze(1).expand(-1, len(corners), -1))  # (B, P, T)
-        all_scores.append(F.relu(picked))
+        all_scores.append(F.relu(patch_scores(patches.flatten(0, 1), len(corners))))  # (B, P, T)
         layouts.append((size, corners, patches))
-    scores = torch.cat(all_scores, 1)  # (B, N, T)
-    n_patches = scores.shape[1]
+    scores_all = torch.cat(all_scores, 1)  # (B, N, T)
+    n_patches = scores_all.shape[1]
     drop = int(n_patches * own["pre_filter_ratio"])
-    keep = torch.ones_like(scores, dtype=torch.bool)
+    keep = torch.ones_like(scores_all, dtype=torch.bool)
     if drop:
-        keep = keep.scatter(1, scores.argsort(1)[:, :drop], False)
-    top = scores.amax(1, keepdim=True)
-    weights = torch.where(top > 0, scores / torch.where(top > 0, top, torch.ones_like(top)), torch.ones_like(scores))
+        keep = keep.scatter(1, scores_all.argsort(1)[:, :drop], False)
+    top = scores_all.amax(1, keepdim=True)
+    weights = torch.where(
+        top > 0, scores_all / torch.where(top > 0, top, torch.ones_like(top)), torch.ones_like(scores_all)
+    )
 
-    total = x.new_zeros(batch, idx.shape[1], height, width)
+    total = x.new_zeros(batch, scores_all.shape[2], height, width)
     counts = torch.zeros_like(total)
     offset = 0
     for size, corners, patches in layouts:
         n = len(corners)
-        cams = own["base"](model, params, patches.flatten(0, 1), layer, idx.repeat_interleave(n, 0), **rest)
-        cams = cams.unflatten(0, (batch, n))  # (B, P, T, w, w)
+        patch_target = idx.repeat_interleave(n, 0) if base_target is None else base_target(n)
+        cams = own["base"](model, params, patches.flatten(0, 1), layer, patch_target, **rest)
+        cams = (cams if cams.ndim == 4 else cams.unsqueeze(1)).unflatten(0, (batch, n))  # (B, P, T, w, w)
         w_here, keep_here = weights[:, offset : offset + n], keep[:, offset : offset + n]
         for p, (c, y) in enumerate(corners):
             cam = cams[:, p] * w_here[:, p, :, None, None]

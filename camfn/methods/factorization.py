@@ -17,14 +17,15 @@ from torch import Tensor
 from ..driver import Layer, Spec, explain
 from ..errors import LayerError, OptionError
 from ..layer_names import Layer as LayerName
-from ..noise import Seed, generator
+from ..noise import Seed, gaussian
 from ..postprocess import finish
+from ..runtime import concrete
 from ..tracing import Model, Params
 
 __all__ = ["Factorization", "dff", "nmf"]
 
 
-def nmf(v: Tensor, n: int, *, seed: Seed = 0, max_iter: int = 500, tol: float = 1e-5) -> tuple[Tensor, Tensor]:
+def nmf(v: Tensor, n: int, *, seed: Seed = 0, max_iter: int = 500, tol: float | None = 1e-5) -> tuple[Tensor, Tensor]:
     r"""Non-negative matrix factorisation ``V ~ W H`` (Frobenius loss) by HALS, seeded.
 
     ``v`` ``(m, N) >= 0``; returns ``W`` ``(m, n)`` and ``H`` ``(n, N)``, both ``>= 0``, minimising
@@ -32,8 +33,11 @@ def nmf(v: Tensor, n: int, *, seed: Seed = 0, max_iter: int = 500, tol: float = 
     column-wise updates :math:`w_j \leftarrow \max(0, w_j + ((V H^\top)_j - W (H H^\top)_j) /
     (H H^\top)_{jj})`, and likewise for the rows of ``H``), the same coordinate descent as sklearn's
     default ``NMF(solver="cd")``. Initialisation as sklearn's ``init="random"``:
-    :math:`|\mathcal N(0, 1)| \sqrt{\bar V / n}`, drawn from ``seed``. Stops after ``max_iter`` sweeps or
-    when the relative decrease of the error over 10 sweeps is below ``tol``.
+    :math:`|\mathcal N(0, 1)| \sqrt{\bar V / n}`, drawn from ``seed`` (:func:`camfn.noise.gaussian`: the
+    same numbers inside ``vmap`` and, replayed, inside :func:`camfn.compiled`). Stops after ``max_iter``
+    sweeps or when the relative decrease of the error over 10 sweeps is below ``tol``. That test reads
+    values, so inside ``torch.func`` transforms (``vmap``) and ``torch.compile`` exactly ``max_iter`` sweeps
+    run (as with ``tol=None`` eagerly); compile unrolls the sweeps, so keep ``max_iter`` small there.
 
     Example:
         >>> import torch
@@ -46,30 +50,43 @@ def nmf(v: Tensor, n: int, *, seed: Seed = 0, max_iter: int = 500, tol: float = 
     """
     if v.ndim != 2 or not v.is_floating_point():
         raise OptionError(f"nmf needs a 2-d float matrix, got {tuple(v.shape)} {v.dtype}")
-    if bool((v < 0).any()) or not bool(torch.isfinite(v).all()):
+    readable = concrete(v)
+    if readable and (bool((v < 0).any()) or not bool(torch.isfinite(v).all())):
         raise OptionError("nmf needs a finite non-negative matrix; subtract each row's minimum first (as dff does)")
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise OptionError(f"n={n!r}: use a positive number of components")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise OptionError(f"max_iter={max_iter!r}: use a positive number of sweeps")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, int | float) or not tol >= 0):
+        raise OptionError(f"tol={tol!r}: use a non-negative number, or None for exactly max_iter sweeps")
     m, cols = v.shape
-    g = generator(seed)
     scale = (v.mean() / n).sqrt()
-    h = (torch.randn(n, cols, generator=g, dtype=torch.float64).abs().to(v) * scale).contiguous()
-    w = (torch.randn(m, n, generator=g, dtype=torch.float64).abs().to(v) * scale).contiguous()
+    draw = gaussian((n * cols + m * n,), 1.0, seed, dtype=v.dtype, device=v.device).abs()
+    h = draw[: n * cols].reshape(n, cols) * scale
+    w = draw[n * cols :].reshape(m, n) * scale
     tiny = torch.finfo(v.dtype).tiny
-    previous = torch.linalg.norm(v - w @ h)
+    early = readable and tol is not None
+    previous = torch.linalg.norm(v - w @ h) if early else None
     for sweep in range(1, max_iter + 1):
-        vht, hht = v @ h.T, h @ h.T
-        for j in range(n):
-            w[:, j] = (w[:, j] + (vht[:, j] - w @ hht[:, j]) / hht[j, j].clamp_min(tiny)).clamp_min(0)
-        wtv, wtw = w.T @ v, w.T @ w
-        for j in range(n):
-            h[j] = (h[j] + (wtv[j] - wtw[j] @ h) / wtw[j, j].clamp_min(tiny)).clamp_min(0)
-        if sweep % 10 == 0:
+        w = _hals(w, v @ h.T, h @ h.T, tiny)
+        h = _hals(h.T, v.T @ w, w.T @ w, tiny).T  # the rows of H are the columns of H^T, with V^T ~ H^T W^T
+        if early and sweep % 10 == 0:
             error = torch.linalg.norm(v - w @ h)
             if previous - error <= tol * previous:
                 break
             previous = error
     return w, h
+
+
+def _hals(w: Tensor, vh: Tensor, hh: Tensor, tiny: float) -> Tensor:
+    """One HALS sweep over the columns of ``w`` for ``V ~ W H`` given ``vh = V H^T`` and ``hh = H H^T``;
+    each column's update sees the columns updated before it. Functional (no in-place write), so it runs
+    under ``vmap`` and ``torch.compile``."""
+    cols = list(w.unbind(1))
+    for j in range(len(cols)):
+        current = torch.stack(cols, 1)
+        cols[j] = (cols[j] + (vh[:, j] - current @ hh[:, j]) / hh[j, j].clamp_min(tiny)).clamp_min(0)
+    return torch.stack(cols, 1)
 
 
 class Factorization(NamedTuple):
@@ -107,6 +124,7 @@ def dff(
     top_k: int = 2,
     seed: Seed = 0,
     max_iter: int = 500,
+    tol: float | None = 1e-5,
     size: Any = "input",
     **options: Any,
 ) -> Factorization:
@@ -121,6 +139,12 @@ def dff(
     ``(n, C)`` logits, e.g. the model's final linear layer) each concept's ``top_k`` classes by softmax
     probability. This is not a method of :data:`camfn.METHODS` (it returns concepts and per-concept maps,
     not one map per target); ``options`` are the methods' shared ones (``tracer``, ``hooks``, ``layout``...).
+
+    Under ``torch.func.vmap`` over images each image is factorised on its own (a loop of one-image calls),
+    over stacked parameter sets each set's activations are; :func:`camfn.compiled` works too
+    (``camfn.compiled(dff, model, layer, n=3, max_iter=50)(params, x)``). In both the stopping test
+    ``tol`` cannot read values, so exactly ``max_iter`` sweeps run: equal to an eager call with
+    ``tol=None``. The init is drawn outside the transform from ``seed`` (an int under compile).
 
     Example:
         >>> import torch, torchvision, camfn
@@ -141,7 +165,7 @@ def dff(
     v0 = torch.where(torch.isfinite(v0), v0, torch.zeros_like(v0))
     offset = v0.amin(1, keepdim=True)
     v = v0 - offset
-    w, h = nmf(v, n, seed=seed, max_iter=max_iter)
+    w, h = nmf(v, n, seed=seed, max_iter=max_iter, tol=tol)
     error = torch.linalg.norm(v - w @ h)
     concepts = w + offset
     maps = h.reshape(n, batch, *spatial).movedim(0, 1)

@@ -10,9 +10,11 @@ shape ``(B, H_in, W_in)`` (``(B, T, H_in, W_in)`` for ``(B, T)`` targets; a list
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import jvp, vjp, vmap
@@ -285,37 +287,85 @@ def shapleycam(at: Layer) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------- FullGrad
-def bias_layers(trace: Traced) -> tuple[tuple[str, str, float | None], ...]:
-    """``(node, module path, eps)`` of every conv (``eps=None``) and eval BatchNorm layer with a bias; cached."""
+_CONV_OPS = {
+    "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
+}  # fmt: skip
+_BN_OPS = {"batch_norm", "_native_batch_norm_legit_no_training"}  # eval BatchNorm in an exported graph
+
+
+def bias_layers(trace: Traced) -> tuple[tuple[str, str, tuple[str, str, str, float] | None], ...]:
+    """``(node, bias key, BatchNorm)`` of every conv (``BatchNorm=None``) and eval BatchNorm layer with a bias,
+    ``BatchNorm = (weight key, running-mean key, running-variance key, eps)``; keys of ``params``; cached.
+
+    In a torch.fx graph the layers are ``nn.Conv*`` / ``nn.BatchNorm*`` modules; in an exported graph (and a
+    ``model_fn``'s) they are the aten calls ``conv2d`` / ``convolution`` (bias: the third argument) and
+    ``batch_norm`` / ``_native_batch_norm_legit_no_training`` (affine, with running statistics), whose
+    tensors are parameter reads: the same layers, so every tracer gives the same map."""
     if trace.cache.biases is None:
-        found = []
-        for node in trace.module.graph.nodes:
-            if node.op != "call_module":
-                continue
-            module = trace.module.get_submodule(node.target)
-            if isinstance(module, nn.modules.conv._ConvNd) and module.bias is not None:
-                found.append((node.name, str(node.target), None))
-            elif (
-                isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and module.affine
-                and module.running_mean is not None
-            ):
-                found.append((node.name, str(node.target), module.eps))
-        trace.cache.biases = tuple(found)
+        graph = trace.module.graph
+        find = _module_biases if trace.tracer == "fx" else _aten_biases
+        trace.cache.biases = tuple(found for node in graph.nodes if (found := find(trace, node)) is not None)
     return trace.cache.biases
 
 
-def effective_bias(at: Layer, path: str, eps: float | None) -> Tensor:
+def _module_biases(trace: Traced, node: fx.Node) -> tuple | None:
+    if node.op != "call_module":
+        return None
+    module, path = trace.module.get_submodule(node.target), str(node.target)
+    if isinstance(module, nn.modules.conv._ConvNd) and module.bias is not None:
+        return node.name, f"{path}.bias", None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.running_mean is not None:
+        return node.name, f"{path}.bias", (f"{path}.weight", f"{path}.running_mean", f"{path}.running_var", module.eps)
+    return None
+
+
+def _aten_biases(trace: Traced, node: fx.Node) -> tuple | None:
+    if node.op != "call_function":
+        return None
+    name = getattr(getattr(node.target, "_overloadpacket", None), "__name__", "")
+    if name not in _CONV_OPS and name not in _BN_OPS:
+        return None
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+
+    def key(arg: str) -> str | None:
+        value = args.get(arg)
+        if value is None:
+            return None
+        if isinstance(value, fx.Node) and value.op == "get_attr" and value.target in trace.state_keys:
+            return str(value.target)
+        raise LayerError(
+            f"fullgrad needs the {arg} of {trace.qualname.get(node.name, node.name)!r} as a parameter of the model, "
+            f"but the graph computes it ({value}); read it as is from params (a model_fn: p['b'], not a function "
+            "of it), or for a module explain it with tracer='fx'"
+        )
+
+    bias = key("bias")
+    if name in _CONV_OPS or bias is None:
+        return None if bias is None else (node.name, bias, None)
+    weight, mean, var = key("weight"), key("running_mean"), key("running_var")
+    if weight is None or mean is None or var is None or args.get("training", False):
+        return None
+    out = node
+    if name != "batch_norm":  # returns (output, mean, invstd): the layer's output is item 0
+        out = next((u for u in node.users if u.target is operator.getitem and u.args[1] == 0), None)
+        if out is None:
+            return None
+    return out.name, bias, (weight, mean, var, float(args["eps"]))
+
+
+def effective_bias(at: Layer, bias: str, bn: tuple[str, str, str, float] | None) -> Tensor:
     """A conv's bias, or an eval BatchNorm's ``beta - mu gamma / sqrt(var + eps)``, read from ``params``."""
     call = at.call
 
-    def get(name: str) -> Tensor:
-        key = f"{path}.{name}"
+    def get(key: str) -> Tensor:
         return call.params[key] if key in call.params else call.trace.defaults[key]
 
-    if eps is None:
-        return get("bias")
-    return get("bias") - get("running_mean") * get("weight") / torch.sqrt(get("running_var") + eps)
+    if bn is None:
+        return get(bias)
+    weight, mean, var, eps = bn
+    return get(bias) - get(mean) * get(weight) / torch.sqrt(get(var) + eps)
 
 
 def _rescale(t: Tensor, dims: tuple[int, ...], eps: float) -> Tensor:
@@ -344,8 +394,10 @@ def fullgrad(at: Layer) -> Tensor:
       every layer.
 
     The method is *layer-free*: it uses every bias layer of the network, so ``layer`` (and ``layout``) are
-    ignored (they are still resolved, like every method's). Bias layers are found as modules of the
-    torch.fx graph: with ``tracer="export"`` (no modules) only the input term would remain, so it raises.
+    ignored (they are still resolved, like every method's). Bias layers are found as modules of a torch.fx
+    graph, or as the aten conv and batch-norm calls of an exported graph (``tracer="export"``, Hugging Face
+    models, a ``model_fn``): the maps agree. Linear and LayerNorm biases are not spatial and not used (as in
+    the paper's code and grad-cam's).
 
     Example:
         >>> import torch, torchvision, camfn
@@ -355,11 +407,6 @@ def fullgrad(at: Layer) -> Tensor:
     """
     call, x = at.call, at.x
     layers = bias_layers(call.trace)
-    if not layers and call.trace.tracer != "fx":
-        raise LayerError(
-            "fullgrad finds its conv/BatchNorm bias layers as modules of a torch.fx graph, and this model was "
-            "traced with torch.export; pass tracer='fx' (with tracer_options if needed)"
-        )
     injected = inject(call.trace, [node for node, _, _ in layers])
     params, score = call.params, call.score
 
@@ -376,8 +423,8 @@ def fullgrad(at: Layer) -> Tensor:
     eps = 1e-6 if paper else 1e-7
     total = _rescale((grads[0] * x.unsqueeze(1)).abs(), dims, eps).sum(2)
     mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[nd]
-    for (_, path, bn_eps), g in zip(layers, grads[1:], strict=True):
-        b = effective_bias(at, path, bn_eps).reshape(-1, *([1] * nd))
+    for (_, bias, bn), g in zip(layers, grads[1:], strict=True):
+        b = effective_bias(at, bias, bn).reshape(-1, *([1] * nd))
         m = _rescale((b * g).abs(), dims, eps).sum(2)  # (B, T, h, w): the resize is linear, so sum first
         if tuple(m.shape[-nd:]) != tuple(spatial):
             m = F.interpolate(m, size=tuple(spatial), mode=mode, align_corners=paper)
