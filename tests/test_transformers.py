@@ -249,10 +249,7 @@ def test_similarity_target_parity(models, x, name):
 
 
 # ------------------------------------------------------------------------------- every method
-NEEDS_FX = {
-    "legrad",
-    "fullgrad",
-}  # methods that rewrite a torch.fx graph (transformers models trace only with torch.export)
+NEEDS_FX = {"fullgrad"}  # methods that rewrite a torch.fx graph (transformers models trace only with torch.export)
 
 
 @pytest.mark.parametrize("name", ["vit", "swin"])
@@ -261,6 +258,10 @@ def test_every_method(models, name):
     model = models(name)
     x1 = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     for method_name, method in camfn.METHODS.items():
+        if method_name == "legrad" and name == "swin":  # every stage of this Swin has several windows
+            with pytest.raises(camfn.errors.LayerError, match="windowed attention"):
+                method(model, camfn.params(model), x1, None, 2)
+            continue  # a Swin whose last stage is one window: tests/test_legrad_export.py
         if method_name in NEEDS_FX:  # not yet ported to exported graphs: a clear error, not a wrong map
             with pytest.raises((TraceError, camfn.errors.LayerError), match=r"torch\.fx"):
                 method(model, camfn.params(model), x1, None, 2)
