@@ -431,9 +431,18 @@ def _adapted(
         opts["output"] = hint.output
     if target is None and hint.target is not None and spec.fixed_target:
         target = hint.target
+    elif hint.classes is not None and spec.fixed_target and _class_target(target):
+        target = hint.classes(target)  # a detector's class c: class c's best query
     if layer is None and hint.layer is not None:
         layer = hint.layer
     return layer, target, hint
+
+
+def _class_target(target: Target) -> bool:
+    """An int or an integer tensor of class indices."""
+    if isinstance(target, Tensor):
+        return not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+    return isinstance(target, int) and not isinstance(target, bool)
 
 
 def _tokens_layer(trace: Traced, node: str, x: Tensor) -> bool:

@@ -133,7 +133,7 @@ def test_swin_windowed_attention_is_a_clear_error(x):
     several windows, and a windowed block named on a Swin with a global last stage, both raise a LayerError
     naming the problem and the blocks that work."""
     model = _build("swin_windowed", "sdpa")
-    with pytest.raises(camfn.errors.LayerError, match="windowed attention.*window_size"):
+    with pytest.raises(camfn.errors.LayerError, match=r"windowed attention.*window_size"):
         camfn.legrad(model, camfn.params(model), x, None, 1)
     model = _build("swin", "sdpa")
     with pytest.raises(camfn.errors.LayerError, match=r"windowed attention.*\['swin\.encoder\.layers\.1\.blocks\.0'\]"):

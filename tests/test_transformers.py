@@ -54,8 +54,8 @@ def _build(name: str) -> torch.nn.Module:
         model = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**_vit(num_register_tokens=2)))
     elif name == "swin":
         config = T.SwinConfig(
-            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5
-        )
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=8, num_labels=5
+        )  # window 8: stage 0 (16 x 16 tokens) is windowed, stage 1 (8 x 8) one window
         model = T.SwinForImageClassification(config)
     elif name == "convnext":
         config = T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)
@@ -258,10 +258,6 @@ def test_every_method(models, name):
     model = models(name)
     x1 = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     for method_name, method in camfn.METHODS.items():
-        if method_name == "legrad" and name == "swin":  # every stage of this Swin has several windows
-            with pytest.raises(camfn.errors.LayerError, match="windowed attention"):
-                method(model, camfn.params(model), x1, None, 2)
-            continue  # a Swin whose last stage is one window: tests/test_legrad_export.py
         if method_name in NEEDS_FX:  # not yet ported to exported graphs: a clear error, not a wrong map
             with pytest.raises((TraceError, camfn.errors.LayerError), match=r"torch\.fx"):
                 method(model, camfn.params(model), x1, None, 2)
@@ -436,12 +432,32 @@ def test_cut_on_attention_blocks(models, x, name):
         assert all(p.requires_grad for p in model.parameters())  # the user's weights are untouched
 
 
-def test_detr_without_target_is_a_clear_error(models, x):
-    """DETR's logits are (B, queries, classes + 1): a class index cannot pick one score, so target=None raises
-    a TargetError that says to pass a callable target."""
+def test_detr_default_and_class_targets(models, x):
+    """DETR's logits are (B, queries, classes + 1): target=None is the most confident query's most likely real
+    class logit, an int c is class c's best query, a (B, T) tensor gives T maps; each equals gradcam with the
+    explicit callable. A class of the "no object" column is out of range."""
     model = models("detr")
+    p = camfn.params(model)
+    top = camfn.gradcam(model, p, x, None, None)
+    by_hand = camfn.gradcam(model, p, x, None, lambda lg: lg[..., :-1].amax((1, 2)))
+    torch.testing.assert_close(top, by_hand, atol=0, rtol=0)
+    one = camfn.gradcam(model, p, x, None, 1)
+    torch.testing.assert_close(one, camfn.gradcam(model, p, x, None, lambda lg: lg[:, :, 1].amax(1)), atol=0, rtol=0)
+    assert not torch.allclose(one, camfn.gradcam(model, p, x, None, 2))
+    two = camfn.gradcam(model, p, x, None, torch.tensor([[1, 2], [2, 0]]))
+    assert two.shape == (2, 2, SIZE, SIZE)
+    torch.testing.assert_close(two[0, 0], one[0], atol=1e-6, rtol=0)
+    with pytest.raises(camfn.errors.TargetError, match=r"class 3 is out of range.*0\.\.2"):
+        camfn.gradcam(model, p, x, None, 3)
+
+
+def test_query_logits_without_the_detector_rule_stay_an_error(models, x):
+    """The same (B, queries, classes + 1) logits from a model no adapter knows: a TargetError saying to pass a
+    callable, never a guess."""
+    plain = _Field(models("detr"), "logits")
+    layer = "model.model.backbone.model.encoder.stages.1"
     with pytest.raises(camfn.errors.TargetError, match="callable"):
-        camfn.gradcam(model, camfn.params(model), x)
+        camfn.gradcam(plain, camfn.params(plain), x, layer, None, tracer="export")
 
 
 def test_camfn_import_does_not_import_transformers():

@@ -11,7 +11,7 @@ Example:
     >>> from camfn.adapters import defaults
     >>> net = torch.nn.Conv2d(3, 4, 3)
     >>> defaults(net, camfn.params(net), None, torch.zeros(1, 3, 8, 8))
-    Defaults(layer=None, layout=None, output=None, target=None)
+    Defaults(layer=None, layout=None, output=None, target=None, classes=None)
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Defaults:
     layer: str | None = None
     layout: Any = None  # a camfn.layout spec for ``layer`` (and for token layers the user names)
     output: Any = None  # the ``output=`` selector (``"logits"``, ``"pooler_output"``, ...)
-    target: Any = None  # the default target (embedding models)
+    target: Any = None  # the default target (embedding models, detectors)
+    classes: Any = None  # class c -> the target scoring it, where the output is not (B, C) logits (detectors)
 
 
 Adapter = Callable[[nn.Module, dict[str, Tensor], Any, Tensor], Defaults | None]
