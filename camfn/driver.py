@@ -365,7 +365,9 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
             + (f"here layer={tokens!r}" if tokens else "e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1'")
         )
     trace, nodes, single = _resolve(trace, model, params, layer, x, opts)
-    if opts["layout"] is None and hint.layout is not None and all(_tokens_layer(trace, n, x) for n in nodes):
+    hinted = hint.layer is not None and layer == hint.layer  # the adapter's own layer: its layout (NHWC) fits
+    all_tokens = all(_tokens_layer(trace, n, x) for n in nodes)
+    if opts["layout"] is None and hint.layout is not None and (hinted or all_tokens):
         opts["layout"] = hint.layout
     for node in nodes:
         _check_spatial(trace, node, x, opts)

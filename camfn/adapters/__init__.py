@@ -3,8 +3,8 @@
 When a call leaves ``layer``, ``layout``, ``output`` or ``target`` unset, the driver asks
 :func:`defaults`. An adapter is a function ``adapter(model, params, trace, x) -> Defaults | None``
 registered for the top-level package that defines the model's class; built-in adapters (Hugging Face
-``transformers``) are imported only when a model of that package is explained, so importing camfn never
-imports them. Fields an adapter leaves ``None`` keep camfn's generic behaviour.
+``transformers``; torchvision and timm vision transformers) are imported only when a model of that package
+is explained, so importing camfn never imports them. Fields an adapter leaves ``None`` keep camfn's generic behaviour.
 
 Example:
     >>> import torch, camfn
@@ -42,7 +42,11 @@ Adapter = Callable[[nn.Module, dict[str, Tensor], Any, Tensor], Defaults | None]
 ADAPTERS: dict[str, Adapter] = {}
 """Registered adapters by the top-level package of the model classes they handle."""
 
-_BUILTIN = {"transformers": ".transformers"}  # package -> adapter module, imported on first use
+_BUILTIN = {  # package -> adapter module, imported on first use
+    "transformers": ".transformers",
+    "torchvision": ".vision",
+    "timm": ".vision",
+}
 
 
 def register(package: str, adapter: Adapter) -> None:
