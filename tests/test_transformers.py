@@ -170,6 +170,21 @@ def test_no_option_map_and_model_untouched(models, x, name):
         torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["resnet", "convnext"])
+def test_cam_without_fc_is_the_closed_form(models, x, name):
+    """cam finds the classifier of an exported HF model itself (global average pooling, for ConvNeXt a norm of
+    the pooled vector, then the Linear): the map is relu(sum_k W[c, k] A_k) of the last stage, resized and
+    min-max normalised."""
+    model = models(name)
+    classes = torch.tensor([1, 3])
+    maps = camfn.cam(model, camfn.params(model), x, None, classes)
+    with torch.no_grad():
+        a = model(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # the last stage (B, K, h, w)
+    w = model.get_submodule("classifier.1" if name == "resnet" else "classifier").weight[classes]  # (B, K)
+    expected = camfn.postprocess.finish(torch.einsum("bk,bkhw->bhw", w, a), x)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=0)
+
+
 def test_embedding_default_target(models, x):
     """Embedding models: target None is the embedding's length along its clean direction."""
     model = models("dinov2")
