@@ -476,7 +476,10 @@ def test_query_logits_without_the_detector_rule_stay_an_error(models, x):
 
 
 def test_camfn_import_does_not_import_transformers():
-    """The adapter is imported only when a transformers model is explained."""
-    code = "import sys, camfn; print('transformers' in sys.modules, 'camfn.adapters.transformers' in sys.modules)"
+    """The adapters are imported only when a transformers (or torchvision / timm) model is explained."""
+    code = (
+        "import sys, camfn; print('transformers' in sys.modules, 'camfn.adapters.transformers' in sys.modules, "
+        "'timm' in sys.modules, 'camfn.adapters.vision' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "False"]

@@ -2,9 +2,12 @@ r"""Attention methods: LeGrad, on a rewrite of the traced graph that exposes eac
 
 Fused attention hides the post-softmax probabilities :math:`P = \mathrm{softmax}(q k^\top s)`: torchvision's
 ViT calls ``nn.MultiheadAttention`` (a leaf module, with ``need_weights=False``) and timm's calls
-``F.scaled_dot_product_attention``. :func:`explicit_attention` rewrites the traced graph (never the model)
+``F.scaled_dot_product_attention`` (Hugging Face ``attn_implementation="sdpa"``: the exported
+``aten.scaled_dot_product_attention``). :func:`explicit_attention` rewrites the traced graph (never the model)
 so each attention is computed explicitly from the same weights, with :math:`P` a node of its own that the
-usual zero-perturbation injection can differentiate; the rewritten graph computes the same output.
+usual zero-perturbation injection can differentiate; the rewritten graph computes the same output. An explicit
+``softmax(...) @ v`` (Hugging Face ``"eager"``) is used as it is. Windowed attention (Swin) counts only where a
+stage is one window.
 """
 
 from __future__ import annotations
@@ -199,10 +202,11 @@ def _block_of(trace: Traced, node: fx.Node) -> str:
 
 
 def explicit_attention(trace: Traced) -> Explicit:
-    """Rewrite every fused attention of the traced graph into an explicit softmax (a new graph).
+    """Rewrite every fused attention of the traced graph (torch.fx or torch.export) into an explicit softmax.
 
     ``nn.MultiheadAttention`` calls become :func:`mha_probabilities` and :func:`mha_output`;
-    ``F.scaled_dot_product_attention`` becomes :func:`sdpa_probabilities` followed by ``P @ v``.
+    ``F.scaled_dot_product_attention`` (and its aten op) becomes :func:`sdpa_probabilities` followed by
+    ``P @ v``; an explicit ``softmax(...) @ v`` keeps its softmax as ``P``.
 
     Example:
         >>> import torch, camfn
@@ -236,8 +240,9 @@ def explicit_attention(trace: Traced) -> Explicit:
         probs.append(p)
     if not blocks:
         raise LayerError(
-            "legrad needs a transformer: the traced graph has no nn.MultiheadAttention and no "
-            "F.scaled_dot_product_attention call (for a CNN use a gradient method such as camfn.gradcam)"
+            "legrad needs a transformer: the traced graph has no nn.MultiheadAttention, no "
+            "scaled_dot_product_attention and no softmax(...) @ v (for a CNN use a gradient method such as "
+            "camfn.gradcam)"
         )
     order = list(trace.module.graph.nodes)
     olds = [[n for n in order if trace.qualname.get(n.name, "").startswith(b + ".")][-1] for b in blocks]
