@@ -6,6 +6,7 @@ in float64 to 1e-6."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ SIZE = 64
 TINY_VIT = {"pretrained": False, "img_size": SIZE, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
 
 
+@functools.cache
 def _build(name: str) -> torch.nn.Module:
+    """The tiny model ``name`` (built once; tests deep-copy it before changing it)."""
     torch.manual_seed(0)
     if name == "tv_vit":
         vit = torchvision.models.VisionTransformer(
@@ -61,27 +64,15 @@ EXPECTED = {  # name -> (layer, layout the adapter infers)
 
 
 @pytest.fixture(scope="module")
-def models():
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
-            cache[name] = _build(name)
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def x():
     return torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_default_layer_and_layout(models, x, name):
+def test_default_layer_and_layout(x, name):
     """layer=None picks the last block's first norm (ViTs) or the last stage's norm (Swin) and its layout: the
     map equals the explicit layer and layout, and is a real map (not the patch embedding's)."""
-    model = models(name)
+    model = _build(name)
     layer, layout = EXPECTED[name]
     assert camfn.default_layer(model, x) == layer
     maps = camfn.gradcam(model, camfn.params(model), x, None, torch.tensor([1, 3]))
@@ -103,9 +94,9 @@ def _vit_reshape(prefix: int, side: int):
 
 
 @pytest.mark.parametrize(("name", "prefix"), [("tv_vit", 1), ("timm_vit", 1), ("timm_deit", 2)])
-def test_parity_with_grad_cam_vit_recipe_float64(models, x, name, prefix):
+def test_parity_with_grad_cam_vit_recipe_float64(x, name, prefix):
     """The no-option map equals pytorch-grad-cam's GradCAM on the same norm with the tutorial's reshape."""
-    model = copy.deepcopy(models(name)).double()
+    model = copy.deepcopy(_build(name)).double()
     xd = x.double()
     classes = [4, 7]
     maps = camfn.gradcam(model, camfn.params(model), xd, None, torch.tensor(classes))
