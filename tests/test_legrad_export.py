@@ -5,6 +5,8 @@ clear error for windowed (Swin) attention naming the blocks that work."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,19 @@ def test_swin_windowed_attention_is_a_clear_error(x):
         camfn.legrad(model, camfn.params(model), x, "swin.encoder.layers.0.blocks.0", 1)
     block = camfn.legrad(model, camfn.params(model), x, "swin.encoder.layers.1.blocks.0", 1)
     torch.testing.assert_close(block, camfn.legrad(model, camfn.params(model), x, None, 1), atol=0, rtol=0)
+
+
+def test_explicit_softmax_in_a_fx_graph(x):
+    """The eager form in torch.fx too: timm's ViT with fused_attn=False (softmax -> Dropout module -> @ v) gives
+    the map of its fused F.scaled_dot_product_attention."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fused = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=SIZE, depth=2, embed_dim=32, num_heads=2, num_classes=10
+    )
+    fused = fused.eval().double()
+    explicit = copy.deepcopy(fused)
+    for block in explicit.blocks:
+        block.attn.fused_attn = False
+    maps = [camfn.legrad(m, camfn.params(m), x, None, 1) for m in (fused, explicit)]
+    torch.testing.assert_close(maps[0], maps[1], atol=1e-6, rtol=0)

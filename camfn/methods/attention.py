@@ -122,7 +122,15 @@ def _is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _SDPA
 
 
-def _softmax_probabilities(node: fx.Node) -> fx.Node | None:
+def _keeps_values(user: fx.Node, root: nn.Module) -> bool:
+    """A cast, an eval-mode dropout or an identity: ``P`` passes unchanged."""
+    if user.op == "call_module":
+        sub = root.get_submodule(str(user.target))
+        return isinstance(sub, nn.Identity) or (isinstance(sub, nn.Dropout) and (not sub.training or sub.p == 0))
+    return user.target in _PASS
+
+
+def _softmax_probabilities(node: fx.Node, root: nn.Module) -> fx.Node | None:
     """For a softmax over the last axis whose result, through casts and eval dropout, is the left factor of a
     matmul (an explicit attention ``softmax(q k^T s + M) @ v``, Hugging Face ``attn_implementation="eager"``):
     that left factor (the probabilities in the dtype they are used in); else ``None``."""
@@ -137,7 +145,7 @@ def _softmax_probabilities(node: fx.Node) -> fx.Node | None:
         for user in n.users:
             if user.target in _MATMUL and user.args and user.args[0] is n:
                 return n
-            if user.target in _PASS:
+            if _keeps_values(user, root):
                 frontier.append(user)
     return None
 
@@ -228,7 +236,7 @@ def explicit_attention(trace: Traced) -> Explicit:
     graph.output(graph.graph_copy(trace.module.graph, env))
     blocks, probs = [], []
     for old in list(trace.module.graph.nodes):
-        mha, softmax = _mha_node(old, trace.module), _softmax_probabilities(old)
+        mha, softmax = _mha_node(old, trace.module), _softmax_probabilities(old, trace.module)
         if mha is None and softmax is None and not _is_sdpa(old):
             continue
         new = env[old]
