@@ -358,9 +358,12 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
     .. math:: E^l = \frac{1}{h N} \sum_{h, i} \mathrm{ReLU}\Big(\frac{\partial s^l}{\partial P^l_{h, i, :}}\Big),
               \qquad L = \frac{1}{|\mathcal L|} \sum_{l \in \mathcal L} E^l_{\mathrm{patches}}
 
-    with the ``prefix_tokens`` keys dropped and the rest reshaped to the patch grid. ``layer``: ``None`` (every
-    attention block) or blocks, by name (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``) or module. Attention is
-    read from a rewrite of the traced graph (:func:`explicit_attention`), so fused attention works.
+    with the ``prefix_tokens`` keys dropped (``None``: timm's ``num_prefix_tokens``, else the model family's
+    adapter, else the smallest count leaving a grid) and the rest reshaped to the patch grid. Swin-style windowed
+    attention is used only in stages that are one window; other blocks raise a :class:`LayerError`.
+    ``layer``: ``None`` (every attention block that works) or blocks, by name
+    (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``) or module. Attention is read from a rewrite of the
+    traced graph (:func:`explicit_attention`), so fused attention works.
 
     Example:
         >>> import torch, camfn
