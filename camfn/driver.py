@@ -366,7 +366,9 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
             + (f"here layer={tokens!r}" if tokens else "e.g. layer='encoder.layers.encoder_layer_<L-1>.ln_1'")
         )
     trace, nodes, single = _resolve(trace, model, params, layer, x, opts)
-    if opts["layout"] is None and hint.layout is not None and all(_tokens_layer(trace, n, x) for n in nodes):
+    hinted = hint.layer is not None and layer == hint.layer  # the adapter's own layer: its layout (NHWC) fits
+    all_tokens = all(_tokens_layer(trace, n, x) for n in nodes)
+    if opts["layout"] is None and hint.layout is not None and (hinted or all_tokens):
         opts["layout"] = hint.layout
     for node in nodes:
         _check_spatial(trace, node, x, opts)
@@ -432,9 +434,18 @@ def _adapted(
         opts["output"] = hint.output
     if target is None and hint.target is not None and spec.fixed_target:
         target = hint.target
+    elif hint.classes is not None and spec.fixed_target and _class_target(target):
+        target = hint.classes(target)  # a detector's class c: class c's best query
     if layer is None and hint.layer is not None:
         layer = hint.layer
     return layer, target, hint
+
+
+def _class_target(target: Target) -> bool:
+    """An int or an integer tensor of class indices."""
+    if isinstance(target, Tensor):
+        return not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+    return isinstance(target, int) and not isinstance(target, bool)
 
 
 def _tokens_layer(trace: Traced, node: str, x: Tensor) -> bool:

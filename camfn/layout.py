@@ -52,6 +52,7 @@ __all__ = [
     "patch_gradient_vanishes",
     "prefix_of",
     "pull_back",
+    "resolve_tokens",
     "tokens_to_maps",
 ]
 
@@ -98,7 +99,14 @@ def _channels_first(t: Tensor) -> Tensor:
     return einops.rearrange(t, "b ... c -> b c ...")
 
 
-def _resolve_tokens(spec: Tokens, shape: Sequence[int], spatial: Sequence[int], model_prefix: int | None) -> Tokens:
+def resolve_tokens(spec: Tokens, shape: Sequence[int], spatial: Sequence[int], model_prefix: int | None) -> Tokens:
+    """``spec`` with its prefix and grid filled in for a ``(B, N, D)`` layer of ``shape`` and an input of
+    spatial size ``spatial``: the stated prefix, else ``model_prefix``, else the smallest leaving a grid.
+
+    Example:
+        >>> resolve_tokens(Tokens(), (1, 18, 8), (64, 64), None)
+        Tokens(prefix=2, grid=(4, 4))
+    """
     if len(shape) != 3:
         raise LayerError(
             f"layout='tokens' needs a (B, N, D) token layer, but this layer outputs {tuple(shape)}; "
@@ -144,7 +152,7 @@ def layout_fn(
     if isinstance(spec, str) and spec in _NAMED:
         spec = _NAMED[spec]
     if isinstance(spec, Tokens):
-        tok = _resolve_tokens(spec, shape, spatial, model_prefix)
+        tok = resolve_tokens(spec, shape, spatial, model_prefix)
         return lambda t: tokens_to_maps(t, tok.prefix or 0, tok.grid)  # type: ignore[arg-type]
     if isinstance(spec, str) and spec in _CHANNELS_LAST:
         return _channels_first

@@ -47,6 +47,7 @@ from .runtime import concrete, peek
 __all__ = [
     "Output",
     "Target",
+    "best_query",
     "binary",
     "classes",
     "concrete",
@@ -321,6 +322,39 @@ def detection(
         )
 
     return box_scores
+
+
+def best_query(c: int | Tensor | None = None) -> ScoreFn:
+    r"""Target for DETR-style detectors: logits ``(B, Q, C + 1)``, one row per object query, the last column
+    "no object".
+
+    ``c=None``: the most confident query's most likely real class,
+    :math:`S_b = \max_{q,\, k < C} \mathrm{logits}_{b, q, k}`; ``c`` (an int, a ``(B,)`` or ``(B, T)`` tensor):
+    class ``c``'s best query, :math:`S_b = \max_q \mathrm{logits}_{b, q, c_b}`.
+
+    Example:
+        >>> import torch
+        >>> logits = torch.tensor([[[1.0, 5.0, 9.0], [3.0, 0.0, 0.0]]])  # 2 queries, 2 classes + no object
+        >>> best_query()(logits), best_query(0)(logits)
+        (tensor([5.]), tensor([3.]))
+    """
+
+    def score(output: Tensor) -> Tensor:
+        if not isinstance(output, Tensor) or output.ndim != 3 or output.shape[2] < 2:
+            got = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+            raise TargetError(
+                f"best_query needs query logits (B, queries, classes + 1), got {got}; select them with output="
+            )
+        real = output[..., :-1]
+        if c is None:
+            return real.amax((1, 2))
+        index = _as_index(c, "class")
+        _check_range(index, real.shape[2])
+        if index.ndim == 2:  # (B, T): T classes per sample
+            return real.amax(1).gather(1, index.to(output.device))
+        return real.amax(1).gather(1, index.to(output.device).expand(output.shape[0]).reshape(-1, 1)).squeeze(1)
+
+    return score
 
 
 def similarity(reference: Tensor) -> ScoreFn:

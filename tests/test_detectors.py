@@ -127,8 +127,14 @@ def test_default_layer_under_export_is_a_channel_first_module_output():
         "swin": SwinTransformer([4, 4], 16, [1, 1], [1, 2], [4, 4], num_classes=5).eval(),
         "convnext": ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5).eval(),
     }
-    for model in models.values():
+    for key, model in models.items():
         name = camfn.default_layer(model, x, tracer="export")
+        if key == "swin":  # camfn.adapters.vision: the final norm, read in its channels-last layout
+            assert name == "norm"
+            maps = camfn.gradcam(model, camfn.params(model), x, None, 1, tracer="export")
+            explicit = camfn.gradcam(model, camfn.params(model), x, "norm", 1, layout="nhwc", tracer="export")
+            torch.testing.assert_close(maps, explicit, atol=0, rtol=0)
+            continue
         shape = next(i.shape for i in camfn.layers(model, x, tracer="export") if i.name == name)
         assert channel_first(shape, tuple(x.shape)) and len(shape) == 4
         assert name.split(".")[0] == "features" or name == "permute"
@@ -179,8 +185,12 @@ def test_layout_without_layer_names_the_concrete_layer():
 
     vit = torchvision.models.VisionTransformer(32, 16, 2, 2, 16, 32, num_classes=3).eval()
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(camfn.errors.LayerError, match=r"layer='encoder\.layers\.encoder_layer_1\.ln_1'"):
-        camfn.gradcam(vit, camfn.params(vit), x, None, 0, layout="vit")
+    wrapped = torch.nn.Sequential(vit)  # no adapter knows it (the ViT itself gets its default layer)
+    with pytest.raises(camfn.errors.LayerError, match=r"layer='0\.encoder\.layers\.encoder_layer_1\.ln_1'"):
+        camfn.gradcam(wrapped, camfn.params(wrapped), x, None, 0, layout="vit")
+    by_default = camfn.gradcam(vit, camfn.params(vit), x, None, 0, layout="vit")
+    explicit = camfn.gradcam(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_1.ln_1", 0, layout="vit")
+    torch.testing.assert_close(by_default, explicit, atol=0, rtol=0)
     assert camfn.gradcam(vit, camfn.params(vit), x, "encoder.layers.encoder_layer_1.ln_1", 0, layout="vit").shape == (
         1, 32, 32,
     )  # fmt: skip

@@ -90,14 +90,23 @@ def test_last_vit_block_names_a_better_layer(vit) -> None:
 
 
 def test_token_layer_without_layout_says_which_option(vit) -> None:
+    """A token layer of a model no adapter knows (the ViT inside a Sequential) needs layout=; the torchvision
+    ViT itself gets its layout from camfn.adapters.vision."""
+    wrapped = nn.Sequential(vit)
     with pytest.raises(camfn.LayerError, match="layout='tokens'"):
-        camfn.gradcam(vit, camfn.params(vit), image(1, 64), "encoder.layers.encoder_layer_1.ln_1", 3)
+        camfn.gradcam(wrapped, camfn.params(wrapped), image(1, 64), "0.encoder.layers.encoder_layer_1.ln_1", 3)
+    inferred = camfn.gradcam(vit, camfn.params(vit), image(1, 64), "encoder.layers.encoder_layer_1.ln_1", 3)
+    explicit = camfn.gradcam(
+        vit, camfn.params(vit), image(1, 64), "encoder.layers.encoder_layer_1.ln_1", 3, layout="vit"
+    )
+    torch.testing.assert_close(inferred, explicit, atol=0, rtol=0)
 
 
 def test_layout_needs_explicit_layer_and_known_spec(vit) -> None:
     p = camfn.params(vit)
+    wrapped = nn.Sequential(vit)
     with pytest.raises(camfn.LayerError, match="explicit layer"):
-        camfn.gradcam(vit, p, image(1, 64), None, 3, layout="vit")
+        camfn.gradcam(wrapped, camfn.params(wrapped), image(1, 64), None, 3, layout="vit")
     with pytest.raises(camfn.OptionError, match="layout='spiral'"):
         camfn.gradcam(vit, p, image(1, 64), "encoder.layers.encoder_layer_1.ln_1", 3, layout="spiral")
 

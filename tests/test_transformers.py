@@ -54,8 +54,8 @@ def _build(name: str) -> torch.nn.Module:
         model = T.Dinov2WithRegistersModel(T.Dinov2WithRegistersConfig(**_vit(num_register_tokens=2)))
     elif name == "swin":
         config = T.SwinConfig(
-            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4, num_labels=5
-        )
+            image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=8, num_labels=5
+        )  # window 8: stage 0 (16 x 16 tokens) is windowed, stage 1 (8 x 8) one window
         model = T.SwinForImageClassification(config)
     elif name == "convnext":
         config = T.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, num_labels=5)
@@ -170,6 +170,21 @@ def test_no_option_map_and_model_untouched(models, x, name):
         torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", ["resnet", "convnext"])
+def test_cam_without_fc_is_the_closed_form(models, x, name):
+    """cam finds the classifier of an exported HF model itself (global average pooling, for ConvNeXt a norm of
+    the pooled vector, then the Linear): the map is relu(sum_k W[c, k] A_k) of the last stage, resized and
+    min-max normalised."""
+    model = models(name)
+    classes = torch.tensor([1, 3])
+    maps = camfn.cam(model, camfn.params(model), x, None, classes)
+    with torch.no_grad():
+        a = model(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # the last stage (B, K, h, w)
+    w = model.get_submodule("classifier.1" if name == "resnet" else "classifier").weight[classes]  # (B, K)
+    expected = camfn.postprocess.finish(torch.einsum("bk,bkhw->bhw", w, a), x)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=0)
+
+
 def test_embedding_default_target(models, x):
     """Embedding models: target None is the embedding's length along its clean direction."""
     model = models("dinov2")
@@ -249,21 +264,12 @@ def test_similarity_target_parity(models, x, name):
 
 
 # ------------------------------------------------------------------------------- every method
-NEEDS_FX = {
-    "legrad",
-}  # methods that rewrite a torch.fx graph (transformers models trace only with torch.export)
-
-
 @pytest.mark.parametrize("name", ["vit", "swin"])
 def test_every_method(models, name):
     """Every method in camfn.METHODS runs with no option on a ViT and a Swin and gives a finite map."""
     model = models(name)
     x1 = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     for method_name, method in camfn.METHODS.items():
-        if method_name in NEEDS_FX:  # not yet ported to exported graphs: a clear error, not a wrong map
-            with pytest.raises((TraceError, camfn.errors.LayerError), match=r"torch\.fx"):
-                method(model, camfn.params(model), x1, None, 2)
-            continue
         if method_name == "cam":  # CAM reads the classifier's weights: found by fc= on exported graphs
             with pytest.raises(camfn.errors.LayerError, match="gradcam"):
                 method(model, camfn.params(model), x1, None, 2)
@@ -434,16 +440,39 @@ def test_cut_on_attention_blocks(models, x, name):
         assert all(p.requires_grad for p in model.parameters())  # the user's weights are untouched
 
 
-def test_detr_without_target_is_a_clear_error(models, x):
-    """DETR's logits are (B, queries, classes + 1): a class index cannot pick one score, so target=None raises
-    a TargetError that says to pass a callable target."""
+def test_detr_default_and_class_targets(models, x):
+    """DETR's logits are (B, queries, classes + 1): target=None is the most confident query's most likely real
+    class logit, an int c is class c's best query, a (B, T) tensor gives T maps; each equals gradcam with the
+    explicit callable. A class of the "no object" column is out of range."""
     model = models("detr")
+    p = camfn.params(model)
+    top = camfn.gradcam(model, p, x, None, None)
+    by_hand = camfn.gradcam(model, p, x, None, lambda lg: lg[..., :-1].amax((1, 2)))
+    torch.testing.assert_close(top, by_hand, atol=0, rtol=0)
+    one = camfn.gradcam(model, p, x, None, 1)
+    torch.testing.assert_close(one, camfn.gradcam(model, p, x, None, lambda lg: lg[:, :, 1].amax(1)), atol=0, rtol=0)
+    assert not torch.allclose(one, camfn.gradcam(model, p, x, None, 2))
+    two = camfn.gradcam(model, p, x, None, torch.tensor([[1, 2], [2, 0]]))
+    assert two.shape == (2, 2, SIZE, SIZE)
+    torch.testing.assert_close(two[0, 0], one[0], atol=1e-6, rtol=0)
+    with pytest.raises(camfn.errors.TargetError, match=r"class 3 is out of range.*0\.\.2"):
+        camfn.gradcam(model, p, x, None, 3)
+
+
+def test_query_logits_without_the_detector_rule_stay_an_error(models, x):
+    """The same (B, queries, classes + 1) logits from a model no adapter knows: a TargetError saying to pass a
+    callable, never a guess."""
+    plain = _Field(models("detr"), "logits")
+    layer = "model.model.backbone.model.encoder.stages.1"
     with pytest.raises(camfn.errors.TargetError, match="callable"):
-        camfn.gradcam(model, camfn.params(model), x)
+        camfn.gradcam(plain, camfn.params(plain), x, layer, None, tracer="export")
 
 
 def test_camfn_import_does_not_import_transformers():
-    """The adapter is imported only when a transformers model is explained."""
-    code = "import sys, camfn; print('transformers' in sys.modules, 'camfn.adapters.transformers' in sys.modules)"
+    """The adapters are imported only when a transformers (or torchvision / timm) model is explained."""
+    code = (
+        "import sys, camfn; print('transformers' in sys.modules, 'camfn.adapters.transformers' in sys.modules, "
+        "'timm' in sys.modules, 'camfn.adapters.vision' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "False", "False"]

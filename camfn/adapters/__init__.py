@@ -3,15 +3,15 @@
 When a call leaves ``layer``, ``layout``, ``output`` or ``target`` unset, the driver asks
 :func:`defaults`. An adapter is a function ``adapter(model, params, trace, x) -> Defaults | None``
 registered for the top-level package that defines the model's class; built-in adapters (Hugging Face
-``transformers``) are imported only when a model of that package is explained, so importing camfn never
-imports them. Fields an adapter leaves ``None`` keep camfn's generic behaviour.
+``transformers``; torchvision and timm vision transformers) are imported only when a model of that package
+is explained, so importing camfn never imports them. Fields an adapter leaves ``None`` keep camfn's generic behaviour.
 
 Example:
     >>> import torch, camfn
     >>> from camfn.adapters import defaults
     >>> net = torch.nn.Conv2d(3, 4, 3)
     >>> defaults(net, camfn.params(net), None, torch.zeros(1, 3, 8, 8))
-    Defaults(layer=None, layout=None, output=None, target=None)
+    Defaults(layer=None, layout=None, output=None, target=None, classes=None)
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class Defaults:
     layer: str | None = None
     layout: Any = None  # a camfn.layout spec for ``layer`` (and for token layers the user names)
     output: Any = None  # the ``output=`` selector (``"logits"``, ``"pooler_output"``, ...)
-    target: Any = None  # the default target (embedding models)
+    target: Any = None  # the default target (embedding models, detectors)
+    classes: Any = None  # class c -> the target scoring it, where the output is not (B, C) logits (detectors)
 
 
 Adapter = Callable[[nn.Module, dict[str, Tensor], Any, Tensor], Defaults | None]
@@ -41,7 +42,11 @@ Adapter = Callable[[nn.Module, dict[str, Tensor], Any, Tensor], Defaults | None]
 ADAPTERS: dict[str, Adapter] = {}
 """Registered adapters by the top-level package of the model classes they handle."""
 
-_BUILTIN = {"transformers": ".transformers"}  # package -> adapter module, imported on first use
+_BUILTIN = {  # package -> adapter module, imported on first use
+    "transformers": ".transformers",
+    "torchvision": ".vision",
+    "timm": ".vision",
+}
 
 
 def register(package: str, adapter: Adapter) -> None:

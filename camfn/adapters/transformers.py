@@ -14,7 +14,10 @@ Inferred from the traced model and its config, never from a table of class names
                            ``pooler_output``
 ``target``                 embedding outputs (``image_embeds``, ``pooler_output``): the embedding's length along
                            its clean direction, :math:`S_b = \langle e_b, r_b \rangle / \lVert r_b \rVert` with
-                           :math:`r_b` the clean embedding
+                           :math:`r_b` the clean embedding; detectors (``logits`` ``(B, Q, C + 1)`` beside
+                           ``pred_boxes`` ``(B, Q, 4)``, DETR-likes): the most confident query's most likely
+                           real class logit, and an int class ``c`` means class ``c``'s best query
+                           (:func:`camfn.targets.best_query`)
 =========================  ====================================================================================
 
 Example:
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 
 from ..layer_names import channel_first, input_nodes, spatial, token_layer
 from ..layout import Tokens
-from ..targets import pick
+from ..targets import best_query, pick
 from . import Defaults, register
 
 __all__ = ["defaults", "toward"]
@@ -119,6 +122,17 @@ def _stage(model: nn.Module, trace: Any, x: Tensor) -> str | None:
     return path if ok and channel_first(tuple(info[0]), tuple(x.shape)) else None
 
 
+def _detector(info: Any) -> bool:
+    """DETR-like outputs: ``logits`` ``(B, Q, C + 1)`` and ``pred_boxes`` ``(B, Q, 4)`` for the same queries."""
+    if not isinstance(info, Mapping) or not {"logits", "pred_boxes"} <= set(info):
+        return False
+    logits, boxes = info["logits"], info["pred_boxes"]
+    shapes = [v[0] if isinstance(v, tuple) and v else None for v in (logits, boxes)]
+    if not all(isinstance(shape, torch.Size) and len(shape) == 3 for shape in shapes):
+        return False
+    return shapes[0][:2] == shapes[1][:2] and shapes[1][2] == 4 and shapes[0][2] >= 2
+
+
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
     """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring)."""
     if trace is None or x.ndim != 4:
@@ -134,6 +148,8 @@ def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor)
     if output in EMBEDDINGS:
         with torch.no_grad():
             target = toward(pick(trace.program()(params, x), output))
+    if _detector(shapes["output"]):
+        return Defaults(layer=layer, layout=layout, output=output, target=best_query(), classes=best_query)
     return Defaults(layer=layer, layout=layout, output=output, target=target)
 
 

@@ -8,6 +8,9 @@ edge-detector baseline). Except for ``cam`` only the part of the network up to t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -35,37 +38,42 @@ _POOL_MODULES = (
 _POOL_CALLS = {"flatten", "mean", "view", "reshape", "squeeze", "adaptive_avg_pool2d", "avg_pool2d", "dropout"}
 
 
+def _op_name(node: fx.Node) -> Any:
+    """The op's plain name: ``"mean"`` for ``torch.mean``, ``Tensor.mean`` and ``aten.mean.dim`` alike."""
+    packet = getattr(node.target, "overloadpacket", None)  # torch.export's aten ops
+    return packet.__name__ if packet is not None else getattr(node.target, "__name__", node.target)
+
+
 def _passes_through(traced: Traced, node: fx.Node) -> bool:
     """Pooling, flattening, dropout: ops CAM's derivation allows between the layer and the classifier."""
     if node.op == "call_module":
         return isinstance(traced.module.get_submodule(node.target), _POOL_MODULES)
-    name = getattr(node.target, "__name__", node.target)
-    return node.op in ("call_function", "call_method") and name in _POOL_CALLS
+    return node.op in ("call_function", "call_method") and _op_name(node) in _POOL_CALLS
 
 
-def _classifier(traced: Traced, layer: str) -> str:
+def _classifier(traced: Traced, layer: str, output: Any = None) -> str:
     """Module path of the final ``nn.Linear``, checking only pooling/flatten stand between it and ``layer``.
 
     Cached on ``traced`` (a compiled call only reads the cache: dynamo cannot walk an fx graph).
     """
-    found = traced.cache.classifier.get(layer)
+    key = layer if output is None else f"{layer}|{output!r}"
+    found = traced.cache.classifier.get(key)
     if found is None:
-        found = traced.cache.classifier[layer] = _find_classifier(traced, layer)
+        found = traced.cache.classifier[key] = _find_classifier(traced, layer, output)
     return found
 
 
 def _is_relu(traced: Traced, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(traced.module.get_submodule(node.target), nn.ReLU)
-    name = getattr(node.target, "__name__", node.target)
-    return node.op in ("call_function", "call_method") and name in ("relu", "relu_")
+    return node.op in ("call_function", "call_method") and _op_name(node) in ("relu", "relu_")
 
 
 def _pools(traced: Traced, node: fx.Node) -> bool:
     """Spatial averaging (the global pooling of a convolutional head)."""
     if node.op == "call_module":
         return isinstance(traced.module.get_submodule(node.target), _POOL_MODULES[:6])
-    return getattr(node.target, "__name__", node.target) in ("mean", "adaptive_avg_pool2d", "avg_pool2d")
+    return _op_name(node) in ("mean", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "avg_pool2d")
 
 
 def _conv_classifier(traced: Traced, output: fx.Node | None, layer: str) -> str | None:
@@ -90,31 +98,60 @@ def _conv_classifier(traced: Traced, output: fx.Node | None, layer: str) -> str 
     return str(node.target) if isinstance(step, fx.Node) and step.name == layer else None
 
 
-def _find_classifier(traced: Traced, layer: str) -> str:
-    output = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
-    node = output if isinstance(output, fx.Node) else None
+def _linear(traced: Traced, node: fx.Node | None) -> str | None:
+    """The module path of the linear layer computing ``node``: an ``nn.Linear`` call, or (torch.export) an
+    ``aten.linear`` of the weight ``<path>.weight``."""
+    if node is None:
+        return None
+    if node.op == "call_module" and isinstance(traced.module.get_submodule(node.target), nn.Linear):
+        return str(node.target)
+    weight = node.args[1] if node.op == "call_function" and _op_name(node) == "linear" else None
+    if isinstance(weight, fx.Node) and weight.op == "get_attr" and str(weight.target).endswith(".weight"):
+        return str(weight.target)[: -len(".weight")]
+    return None
+
+
+def _is_norm(traced: Traced, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(traced.module.get_submodule(node.target), nn.LayerNorm)
+    return node.op == "call_function" and _op_name(node) == "layer_norm"
+
+
+def _output_node(traced: Traced, output: Any) -> fx.Node | None:
+    """The graph node of the model's output, or of its ``output`` field (``"logits"`` of a transformers model)."""
+    found = next(n for n in traced.module.graph.nodes if n.op == "output").args[0]
+    if isinstance(found, Mapping):
+        found = found.get(output) if isinstance(output, str) else None
+    return found if isinstance(found, fx.Node) else None
+
+
+def _find_classifier(traced: Traced, layer: str, output: Any = None) -> str:
+    node = _output_node(traced, output)
     conv = _conv_classifier(traced, node, layer)
     if conv is not None:
         return conv
     while node is not None and node.op == "call_module" and _passes_through(traced, node):
         node = node.args[0]  # dropout / identity after the classifier
     why = "the model's output is not produced by an nn.Linear"
-    if (
-        node is not None
-        and node.op == "call_module"
-        and isinstance(traced.module.get_submodule(node.target), nn.Linear)
-    ):
-        fc, step = str(node.target), node.args[0]
-        while isinstance(step, fx.Node) and step.name != layer and _passes_through(traced, step):
+    fc = _linear(traced, node)
+    if fc is not None and node is not None:
+        step, norm, pooled = node.args[0], False, False  # a norm of the pooled vector (ConvNeXt's head) is allowed
+        while isinstance(step, fx.Node) and step.name != layer:
+            if _is_norm(traced, step) and not pooled and not norm:
+                norm = True
+            elif _passes_through(traced, step):
+                pooled = pooled or _pools(traced, step)
+            else:
+                break
             step = step.args[0]
-        if isinstance(step, fx.Node) and step.name == layer:
+        if isinstance(step, fx.Node) and step.name == layer and (pooled or not norm):
             return fc
         between = traced.qualname.get(step.name, step.name) if isinstance(step, fx.Node) else repr(step)
         why = f"{between!r} stands between the layer and the classifier {fc!r}"
     raise LayerError(
-        f"cam needs the layer to be followed only by global average pooling (and flatten/dropout) and the final "
-        "linear classifier (or a 1x1-convolution classifier, ReLU and global pooling); "
-        f"here {why}. Use gradcam (equal to cam on such models), or pass fc='path.of.linear' "
+        f"cam needs the layer to be followed only by global average pooling (and flatten/dropout, a norm of the "
+        "pooled vector) and the final linear classifier (or a 1x1-convolution classifier, ReLU and global "
+        f"pooling); here {why}. Use gradcam (equal to cam on such models), or pass fc='path.of.linear' "
         "to use that layer's weights anyway"
     )
 
@@ -150,7 +187,7 @@ def cam(at: Layer) -> Tensor:
     call = at.call
     if call.target_is_callable:
         raise TargetError("cam needs class indices (int, (B,) or (B, T) tensor, or None); use gradcam for callables")
-    path = at.options["fc"] or _classifier(call.trace, at.node)
+    path = at.options["fc"] or _classifier(call.trace, at.node, at.options["output"])
     key = f"{path}.weight"
     weight = call.params[key] if key in call.params else call.trace.defaults.get(key)
     if weight is not None and weight.ndim > 2 and all(n == 1 for n in weight.shape[2:]):

@@ -2,9 +2,12 @@ r"""Attention methods: LeGrad, on a rewrite of the traced graph that exposes eac
 
 Fused attention hides the post-softmax probabilities :math:`P = \mathrm{softmax}(q k^\top s)`: torchvision's
 ViT calls ``nn.MultiheadAttention`` (a leaf module, with ``need_weights=False``) and timm's calls
-``F.scaled_dot_product_attention``. :func:`explicit_attention` rewrites the traced graph (never the model)
+``F.scaled_dot_product_attention`` (Hugging Face ``attn_implementation="sdpa"``: the exported
+``aten.scaled_dot_product_attention``). :func:`explicit_attention` rewrites the traced graph (never the model)
 so each attention is computed explicitly from the same weights, with :math:`P` a node of its own that the
-usual zero-perturbation injection can differentiate; the rewritten graph computes the same output.
+usual zero-perturbation injection can differentiate; the rewritten graph computes the same output. An explicit
+``softmax(...) @ v`` (Hugging Face ``"eager"``) is used as it is. Windowed attention (Swin) counts only where a
+stage is one window.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
+from ..adapters import defaults
 from ..driver import num_classes
-from ..errors import LayerError, OptionError, TraceError
+from ..errors import LayerError, OptionError
+from ..layout import Tokens, grid_of, resolve_tokens
 from ..options import Option, choice, validate
 from ..postprocess import finish
 from ..rewrite import Program, program
@@ -104,8 +109,45 @@ class Explicit:
     old_outputs: tuple[fx.Node, ...]
 
 
+_SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_SOFTMAX = (torch.softmax, F.softmax, torch.ops.aten.softmax.int, torch.ops.aten._softmax.default)
+_MATMUL = (torch.matmul, operator.matmul, torch.ops.aten.matmul.default, torch.ops.aten.bmm.default)
+_PASS = (  # ops between an attention softmax and its ``P @ v`` that keep P's values (dtype casts, eval dropout)
+    torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.dropout.default,
+    torch.ops.aten.clone.default, F.dropout, "to", "type_as", "float", "dropout", "contiguous",
+)  # fmt: skip
+
+
 def _is_sdpa(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+    return node.op == "call_function" and node.target in _SDPA
+
+
+def _keeps_values(user: fx.Node, root: nn.Module) -> bool:
+    """A cast, an eval-mode dropout or an identity: ``P`` passes unchanged."""
+    if user.op == "call_module":
+        sub = root.get_submodule(str(user.target))
+        return isinstance(sub, nn.Identity) or (isinstance(sub, nn.Dropout) and (not sub.training or sub.p == 0))
+    return user.target in _PASS
+
+
+def _softmax_probabilities(node: fx.Node, root: nn.Module) -> fx.Node | None:
+    """For a softmax over the last axis whose result, through casts and eval dropout, is the left factor of a
+    matmul (an explicit attention ``softmax(q k^T s + M) @ v``, Hugging Face ``attn_implementation="eager"``):
+    that left factor (the probabilities in the dtype they are used in); else ``None``."""
+    fn = node.op == "call_function" and node.target in _SOFTMAX
+    if not (fn or (node.op == "call_method" and node.target == "softmax")):
+        return None
+    if _argument(node, 1, "dim", None) not in (-1, 3):
+        return None
+    frontier = [node]
+    while frontier:
+        n = frontier.pop()
+        for user in n.users:
+            if user.target in _MATMUL and user.args and user.args[0] is n:
+                return n
+            if _keeps_values(user, root):
+                frontier.append(user)
+    return None
 
 
 def _mha_node(node: fx.Node, root: nn.Module) -> nn.MultiheadAttention | None:
@@ -168,10 +210,11 @@ def _block_of(trace: Traced, node: fx.Node) -> str:
 
 
 def explicit_attention(trace: Traced) -> Explicit:
-    """Rewrite every fused attention of the traced graph into an explicit softmax (a new graph).
+    """Rewrite every fused attention of the traced graph (torch.fx or torch.export) into an explicit softmax.
 
     ``nn.MultiheadAttention`` calls become :func:`mha_probabilities` and :func:`mha_output`;
-    ``F.scaled_dot_product_attention`` becomes :func:`sdpa_probabilities` followed by ``P @ v``.
+    ``F.scaled_dot_product_attention`` (and its aten op) becomes :func:`sdpa_probabilities` followed by
+    ``P @ v``; an explicit ``softmax(...) @ v`` keeps its softmax as ``P``.
 
     Example:
         >>> import torch, camfn
@@ -188,24 +231,26 @@ def explicit_attention(trace: Traced) -> Explicit:
         >>> bool(torch.allclose(program(t, rewritten.graph)(camfn.params(vit), x), vit(x), atol=1e-5))
         True
     """
-    if trace.tracer != "fx":
-        raise TraceError("legrad rewrites a torch.fx graph; this model was traced by torch.export (pass tracer='fx')")
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(trace.module.graph, env))
     blocks, probs = [], []
     for old in list(trace.module.graph.nodes):
-        mha = _mha_node(old, trace.module)
-        if mha is None and not _is_sdpa(old):
+        mha, softmax = _mha_node(old, trace.module), _softmax_probabilities(old, trace.module)
+        if mha is None and softmax is None and not _is_sdpa(old):
             continue
         new = env[old]
-        p = _rewrite_mha(graph, new, old, mha) if mha is not None else _rewrite_sdpa(graph, new)
+        if mha is not None:
+            p = _rewrite_mha(graph, new, old, mha)
+        else:
+            p = _rewrite_sdpa(graph, new) if softmax is None else env[softmax]
         blocks.append(_block_of(trace, old))
         probs.append(p)
     if not blocks:
         raise LayerError(
-            "legrad needs a transformer: the traced graph has no nn.MultiheadAttention and no "
-            "F.scaled_dot_product_attention call (for a CNN use a gradient method such as camfn.gradcam)"
+            "legrad needs a transformer: the traced graph has no nn.MultiheadAttention, no "
+            "scaled_dot_product_attention and no softmax(...) @ v (for a CNN use a gradient method such as "
+            "camfn.gradcam)"
         )
     order = list(trace.module.graph.nodes)
     olds = [[n for n in order if trace.qualname.get(n.name, "").startswith(b + ".")][-1] for b in blocks]
@@ -213,16 +258,20 @@ def explicit_attention(trace: Traced) -> Explicit:
 
 
 # ------------------------------------------------------------------------------------------ LeGrad
-def _legrad_program(trace: Traced, pool: str) -> tuple[Program, tuple[str, ...]]:
+def _legrad_program(trace: Traced, pool: str, x: Tensor) -> tuple[Program, tuple[str, ...]]:
     """``(params, x, *deltas) -> (per-block logits, per-block P)``: each block's tokens through the model's
-    own tail (the nodes after the last block), ``delta_l`` injected at block ``l``'s probabilities."""
-    cached = trace.cache.attention.get((pool,))
+    own tail (the nodes after the last block), ``delta_l`` injected at block ``l``'s probabilities. Blocks whose
+    tokens have another shape than the last block's (earlier Swin stages) get ``None`` logits."""
+    key = (pool, tuple(x.shape[1:]))
+    cached = trace.cache.attention.get(key)
     if cached is not None:
         return cached
     ex = explicit_attention(trace)
     graph = ex.graph
     order = list(trace.module.graph.nodes)
     last = ex.old_outputs[-1]
+    shapes = trace.node_shapes(x)
+    same = [shapes[o.name] is not None and shapes[o.name][0][1:] == shapes[last.name][0][1:] for o in ex.old_outputs]
     tail = [n for n in order[order.index(last) + 1 :] if n.op != "output"]
     old_to_new = ex.env
     out_node = next(n for n in graph.nodes if n.op == "output")
@@ -236,8 +285,11 @@ def _legrad_program(trace: Traced, pool: str) -> tuple[Program, tuple[str, ...]]
         with graph.inserting_after(p):
             perturbed = graph.call_function(operator.add, (p, delta))
         p.replace_all_uses_with(perturbed, delete_user_cb=lambda user, q=perturbed: user is not q)
-    logits = []
-    for tokens in ex.outputs:
+    logits: list[Any] = []
+    for tokens, usable in zip(ex.outputs, same, strict=True):
+        if not usable:
+            logits.append(None)
+            continue
         with graph.inserting_before(out_node):
             if pool == "mean":
                 mean = graph.call_method("mean", (tokens, 1), {"keepdim": True})
@@ -250,24 +302,44 @@ def _legrad_program(trace: Traced, pool: str) -> tuple[Program, tuple[str, ...]]
     graph.erase_node(out_node)
     graph.output((tuple(logits), tuple(ex.probs)))
     result = (program(trace, graph), ex.blocks)
-    trace.cache.attention[(pool,)] = result
+    trace.cache.attention[key] = result
     return result
 
 
-def _grid(n: int, x: Tensor) -> tuple[int, int]:
-    h, w = x.shape[-2:]
-    gh = round(math.sqrt(n * h / w))
-    if gh < 1 or n % gh:
+def _keys_layout(n: int, x: Tensor, prefix: int | None, trace: Traced, hint: Any) -> Tokens:
+    """How the ``n`` attention keys split into prefix tokens and the patch grid: ``prefix`` when given, else the
+    model's ``num_prefix_tokens`` (timm), else the model family's adapter (Hugging Face config), else the
+    smallest prefix leaving a grid of the input's aspect ratio."""
+    known = trace.prefix_tokens
+    if known is None and isinstance(hint, Tokens) and hint.prefix is not None and grid_of(n - hint.prefix, x.shape[2:]):
+        known = hint.prefix
+    try:
+        return resolve_tokens(Tokens(prefix=prefix), (x.shape[0], n, 1), tuple(x.shape[2:]), known)
+    except LayerError:
         raise LayerError(
-            f"legrad: {n} patch tokens do not form a grid of the input's aspect {h}x{w}; set prefix_tokens"
+            f"legrad: the {n} attention keys do not split into prefix tokens and a patch grid of the input's "
+            f"aspect {tuple(x.shape[2:])}; set prefix_tokens= (the number of leading non-patch keys)"
+        ) from None
+
+
+def _global_blocks(probs: Sequence[Tensor], logits: Sequence[Any], blocks: Sequence[str], batch: int) -> list[int]:
+    """Indices of the blocks whose attention spans the whole token set (one window) and whose tokens reach the
+    model's head; raises a LayerError naming the working blocks when none does."""
+    ok = [i for i, (p, s) in enumerate(zip(probs, logits, strict=True)) if p.shape[0] == batch and s is not None]
+    if not ok:
+        raise LayerError(
+            f"legrad: every attention block of this model is windowed attention (Swin-style: each window attends "
+            f"only within itself, probabilities {tuple(probs[-1].shape)} for a batch of {batch}), so there is no "
+            "attention over the whole image to read. Use an input size for which the last stage is one window "
+            "(its resolution <= window_size), or a gradient method such as camfn.gradcam"
         )
-    return gh, n // gh
+    return ok
 
 
 def _prefix(value: Any, name: str) -> int | None:
     if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
-    raise OptionError(f"{name}={value!r}: use None (the model's num_prefix_tokens, else 1) or an int >= 0")
+    raise OptionError(f"{name}={value!r}: use None (inferred from the model and the keys) or an int >= 0")
 
 
 @composite({"pool": Option("mean", choice("mean", "model")), "prefix_tokens": Option(None, _prefix)}, "attention")
@@ -286,9 +358,12 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
     .. math:: E^l = \frac{1}{h N} \sum_{h, i} \mathrm{ReLU}\Big(\frac{\partial s^l}{\partial P^l_{h, i, :}}\Big),
               \qquad L = \frac{1}{|\mathcal L|} \sum_{l \in \mathcal L} E^l_{\mathrm{patches}}
 
-    with the ``prefix_tokens`` keys dropped and the rest reshaped to the patch grid. ``layer``: ``None`` (every
-    attention block) or blocks, by name (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``) or module. Attention is
-    read from a rewrite of the traced graph (:func:`explicit_attention`), so fused attention works.
+    with the ``prefix_tokens`` keys dropped (``None``: timm's ``num_prefix_tokens``, else the model family's
+    adapter, else the smallest count leaving a grid) and the rest reshaped to the patch grid. Swin-style windowed
+    attention is used only in stages that are one window; other blocks raise a :class:`LayerError`.
+    ``layer``: ``None`` (every attention block that works) or blocks, by name
+    (``"encoder.layers.encoder_layer_1"``, ``"blocks.11"``) or module. Attention is read from a rewrite of the
+    traced graph (:func:`explicit_attention`), so fused attention works.
 
     Example:
         >>> import torch, camfn
@@ -307,18 +382,30 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
             f"legrad: layout={shared['layout']!r}; legrad reads the patch grid from the attention keys itself "
             "(prefix_tokens= sets how many leading keys are not patches): pass layout=None or 'tokens'"
         )
-    prog, blocks = _legrad_program(trace, own["pool"])
-    wanted = list(range(len(blocks)))
+    prog, blocks = _legrad_program(trace, own["pool"], x)
+    batch = x.shape[0]
+    with torch.no_grad():
+        probe_logits, probe = prog(params, x, *([x.new_zeros(())] * len(blocks)))
+    usable = _global_blocks(probe, probe_logits, blocks, batch)
+    wanted = usable
     if layer is not None:
         names = [layer] if isinstance(layer, str | nn.Module) else list(layer) if isinstance(layer, Sequence) else None
         if names is not None and isinstance(model, nn.Module):
             paths = {id(m): path for path, m in model.named_modules()}
             names = [paths.get(id(n), repr(n)) if isinstance(n, nn.Module) else n for n in names]
+        working = [blocks[i] for i in usable]
         if names is None or not all(isinstance(n, str) for n in names) or any(n not in blocks for n in names):
-            raise LayerError(f"legrad: layer={layer!r}; pass None or attention block names from {list(blocks)}")
+            raise LayerError(f"legrad: layer={layer!r}; pass None or attention block names from {working}")
+        windowed = [n for n in names if blocks.index(n) not in usable]
+        if windowed:
+            raise LayerError(
+                f"legrad: {windowed} use windowed attention (each window attends only within itself) or their "
+                f"tokens do not reach the model's head; pick blocks with attention over the whole image: {working}"
+            )
         wanted = [blocks.index(n) for n in names]
-    batch = x.shape[0]
-    probe = prog(params, x, *([x.new_zeros(())] * len(blocks)))[1]
+    hint = defaults(model, params, trace, x) if isinstance(model, nn.Module) else None
+    if target is None and hint is not None and hint.target is not None:
+        target = hint.target  # embedding models (Dinov2, CLIP): the embedding's length along its clean direction
     score = scores(target, batch, num_classes(trace, x, shared["output"]), shared["output"])
 
     shape_of_score: list[int] = []
@@ -334,11 +421,11 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
     n_l, _, n_t = s.shape
     eye = torch.eye(n_l * n_t, dtype=s.dtype, device=s.device).reshape(n_l * n_t, n_l, 1, n_t)
     grads = vmap(pull)(eye.expand(-1, -1, batch, -1))  # per block: (L * T, B, heads, N, N)
-    prefix = own["prefix_tokens"] if own["prefix_tokens"] is not None else (trace.prefix_tokens or 1)
+    keys = _keys_layout(probe[wanted[0]].shape[-1], x, own["prefix_tokens"], trace, hint and hint.layout)
     maps = []
     for j, i in enumerate(wanted):
         g = grads[i].unflatten(0, (n_l, n_t))[j]  # (T, B, heads, N, N)
-        relevance = F.relu(g).mean((2, 3))[..., prefix:].movedim(0, 1)  # (B, T, patches)
-        maps.append(relevance.unflatten(-1, _grid(relevance.shape[-1], x)))
+        relevance = F.relu(g).mean((2, 3))[..., keys.prefix :].movedim(0, 1)  # (B, T, patches)
+        maps.append(relevance.unflatten(-1, keys.grid))
     cam = finish(torch.stack(maps).mean(0), x, **{k: final[k] for k in ("relu", "size", "normalize")})
     return cam.squeeze(1) if squeeze else cam

@@ -33,14 +33,17 @@ for info in camfn.layers(vit, x)[-8:]:
 # ## Which layer, which layout
 #
 # Explain a token layer *before* the last attention (here the last block's first LayerNorm): the head reads
-# only the class token, so after the last attention no patch token reaches the score. camfn says so, and
-# says which option is missing when a token layer comes without a layout.
+# only the class token, so after the last attention no patch token reaches the score. camfn says so. For a
+# torchvision (or timm) ViT, `layer=None` picks that layer with its layout; a model no adapter knows (here the
+# ViT inside an `nn.Sequential`) is told which option is missing when a token layer comes without a layout.
 
 # %%
 LAYER = "encoder.layers.encoder_layer_1.ln_1"
-for layer, layout in [(LAYER, None), ("encoder.layers.encoder_layer_1", "vit")]:
+print("default layer:", camfn.default_layer(vit, x))
+wrapped = torch.nn.Sequential(vit)
+for model, layer, layout in [(wrapped, f"0.{LAYER}", None), (vit, "encoder.layers.encoder_layer_1", "vit")]:
     try:
-        camfn.gradcam(vit, params, x, layer, label, layout=layout)
+        camfn.gradcam(model, camfn.params(model), x, layer, label, layout=layout)
     except camfn.LayerError as error:
         print(f"{type(error).__name__}: {error}\n")
 
