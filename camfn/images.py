@@ -66,7 +66,8 @@ def load_image(path: Path, max_pixels: int = MAX_PIXELS) -> Tensor:
                 raise InputError(f"image {path}: {e}") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"image {path} is too large to decode safely ({e}); downscale it first") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, ImportError) as e:
+        # ImportError: a library that patches PIL.Image.open to load a plugin (ultralytics: pi-heif) on failure
         if isinstance(e, InputError):
             raise
         raise InputError(

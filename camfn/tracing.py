@@ -261,7 +261,7 @@ class Fingerprint:
     everything else matches). Costs about 1 us per module (resnet18: 68 modules, 0.1 ms).
     """
 
-    __slots__ = ("_dicts", "_lists", "_modules", "_value")
+    __slots__ = ("_children", "_dicts", "_lists", "_value")
 
     def __init__(self, model: nn.Module) -> None:
         modules, stack, seen = [], [model], set()
@@ -272,12 +272,12 @@ class Fingerprint:
             seen.add(id(m))
             modules.append(m)
             stack.extend(c for c in (m.__dict__.get("_modules") or {}).values() if c is not None)
-        self._modules = modules
+        self._children = modules[1:]  # never the root: the cache holds this weakly keyed by the root
         self._dicts = [m.__dict__ for m in modules]
         self._lists = [i for i, d in enumerate(self._dicts) if list in set(map(type, d.values()))]
-        self._value = self._take()
+        self._value = self._take(model)
 
-    def _take(self) -> tuple:
+    def _take(self, root: nn.Module) -> tuple:
         dicts = self._dicts
         values = list(map(tuple, map(dict.values, dicts)))
         for i in self._lists:
@@ -289,7 +289,7 @@ class Fingerprint:
             return (object(),)
         return (
             _global_hooks(),
-            list(map(type, self._modules)),
+            (type(root), *map(type, self._children)),
             list(map(tuple, dicts)),
             values,
             hooks,
@@ -297,10 +297,10 @@ class Fingerprint:
             tuple(map(id, chain.from_iterable(map(dict.values, state)))),  # ... and their identities
         )
 
-    def matches(self) -> bool:
-        """Whether the modules are as they were when this fingerprint was taken."""
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model``'s modules are as they were when this fingerprint was taken."""
         try:
-            return bool(self._take() == self._value)
+            return bool(self._take(model) == self._value)
         except (RuntimeError, TypeError, ValueError):  # a changed tensor attribute (``==`` is elementwise)
             return False
 
@@ -353,12 +353,12 @@ def _cached(model: Any, key: tuple, stamp: Callable[[], Fingerprint] | tuple, bu
     if torch.compiler.is_compiling() and per_model is not None and key in per_model:
         return per_model[key][1]
     hit = per_model.get(key) if per_model is not None else None
-    if hit is not None and _fresh(hit[0], stamp):
+    if hit is not None and _fresh(hit[0], stamp, model):
         return hit[1]
     with _lock(_CACHE_LOCK):
         per_model = _CACHE.setdefault(model, {})
         hit = per_model.get(key)
-        if hit is not None and _fresh(hit[0], stamp):
+        if hit is not None and _fresh(hit[0], stamp, model):
             return hit[1]
         taken = stamp() if callable(stamp) else stamp
         traced = build()
@@ -366,8 +366,8 @@ def _cached(model: Any, key: tuple, stamp: Callable[[], Fingerprint] | tuple, bu
         return traced
 
 
-def _fresh(taken: Fingerprint | tuple, stamp: Callable[[], Fingerprint] | tuple) -> bool:
-    return taken.matches() if isinstance(taken, Fingerprint) else _same(taken, stamp)
+def _fresh(taken: Fingerprint | tuple, stamp: Callable[[], Fingerprint] | tuple, model: Any) -> bool:
+    return taken.matches(model) if isinstance(taken, Fingerprint) else _same(taken, stamp)
 
 
 # ---------------------------------------------------------------------------------------- torch.fx

@@ -140,12 +140,12 @@ def test_method_all_writes_one_grid(files, tmp_path, capsys):
     assert code == 0, err
     written = sorted(p.name for p in (tmp_path / "all").iterdir())
     assert written == ["methods.png"]  # one picture for every method and both images
-    # cam needs an nn.Linear after the layer; the exported graph has aten.linear: skipped with a note
-    assert "note: cam skipped: cam needs" in err
-    shown = [n for n, m in camfn.METHODS.items() if n != "cam" and m.spec.requires is None]  # legrad: no attention
+    # cam finds the classifier (aten.linear after the pooling) in the exported graph; legrad needs attention
+    assert "note: legrad skipped: legrad needs a transformer" in err and "cam skipped" not in err
+    shown = [n for n, m in camfn.METHODS.items() if m.spec.requires is None]
     assert f"{len(shown)} methods x 2 image(s)" in out
     width, height = Image.open(tmp_path / "all" / "methods.png").size
-    # 40 x 24 images scaled 4x to reach 128 px cells; columns: the image and every method but cam; 4 px gaps
+    # 40 x 24 images scaled 4x to reach 128 px cells; columns: the image and every method shown; 4 px gaps
     assert width == 4 + (len(shown) + 1) * (160 + 4)
     assert height > 2 * 96
 

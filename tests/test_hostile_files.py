@@ -636,6 +636,26 @@ def test_hostile_images_are_refused(case, sandbox, inputs, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_unreadable_image_after_a_library_patched_pil(inputs, monkeypatch):
+    """ultralytics replaces PIL.Image.open with a wrapper that, on an unreadable file, imports an optional
+    plugin (pi-heif) and raises ImportError when it is missing: still a clear InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    original = Image.open
+
+    def patched(path, *args, **kwargs):
+        try:
+            return original(path, *args, **kwargs)
+        except UnidentifiedImageError:
+            raise ModuleNotFoundError("No module named 'pi_heif'") from None
+
+    monkeypatch.setattr(Image, "open", patched)
+    path = inputs / "image.png"
+    path.write_text("not a picture")
+    with pytest.raises(InputError, match="cannot read image"):
+        load_image(path)
+
+
 # ============================================================================================ CLI flags
 EXPLAIN_FLAGS: list[tuple[list[str], str]] = [
     (["--std", "0"], "argument --std: '0': use one number or three"),
