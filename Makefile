@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.speed --kind fast --models resnet18 resnet50 --batches 1 8 --markdown
 	$(BIN)/python -m benchmarks.speed --kind slow --models resnet18 --markdown benchmarks/results/speed-slow.md
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
-	$(BIN)/python -m benchmarks.overhead --before 0dce887 --markdown
+	$(BIN)/python -m benchmarks.overhead --before 0dce887 --calls 100 --markdown
 	$(BIN)/python -m benchmarks.score_sizes --markdown
 	$(BIN)/python -m benchmarks.scaling --markdown
 	$(BIN)/python -m benchmarks.quality --n 256 --steps 16 --markdown benchmarks/results/quality.md

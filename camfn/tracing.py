@@ -100,8 +100,9 @@ class Cache:
     inference: dict[tuple, Any] = field(default_factory=dict)  # input shape -> inference.Inference
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
-    attention: dict[tuple, Any] = field(default_factory=dict)  # (pool,) -> legrad's (Program, blocks)
+    attention: dict[tuple, Any] = field(default_factory=dict)  # legrad: (pool,) -> (Program, blocks); probes
     biases: tuple | None = None  # fullgrad: (node, bias key, BatchNorm keys and eps or None) of each bias layer
+    defaults: dict[tuple, Any] = field(default_factory=dict)  # item shape -> adapters.Defaults (structure only)
 
 
 @dataclass

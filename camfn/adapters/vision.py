@@ -70,9 +70,17 @@ def _shape(trace: Any, path: str, x: Tensor) -> tuple[int, ...] | None:
 
 
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
-    """The :class:`~camfn.adapters.Defaults` of a torchvision or timm vision transformer (module docstring)."""
+    """The :class:`~camfn.adapters.Defaults` of a torchvision or timm vision transformer (module docstring);
+    they depend on the model's structure and the input shape only, so they are kept with the trace."""
     if trace is None or x.ndim != 4:
         return None
+    key = tuple(x.shape[1:])
+    if key not in trace.cache.defaults:
+        trace.cache.defaults[key] = _defaults(model, trace, x)
+    return trace.cache.defaults[key]
+
+
+def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults | None:
     vit = _vit(model)
     if vit is not None:
         block, prefix = vit

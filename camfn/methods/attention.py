@@ -384,9 +384,12 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
         )
     prog, blocks = _legrad_program(trace, own["pool"], x)
     batch = x.shape[0]
-    with torch.no_grad():
-        probe_logits, probe = prog(params, x, *([x.new_zeros(())] * len(blocks)))
-    usable = _global_blocks(probe, probe_logits, blocks, batch)
+    key = ("probe", own["pool"], tuple(x.shape), x.dtype, x.device.type)
+    if key not in trace.cache.attention:  # which blocks work and their attention's shape: structure only
+        with torch.no_grad():
+            probe_logits, probe = prog(params, x, *([x.new_zeros(())] * len(blocks)))
+        trace.cache.attention[key] = (_global_blocks(probe, probe_logits, blocks, batch), [p.shape for p in probe])
+    usable, probe_shapes = trace.cache.attention[key]
     wanted = usable
     if layer is not None:
         names = [layer] if isinstance(layer, str | nn.Module) else list(layer) if isinstance(layer, Sequence) else None
@@ -416,12 +419,12 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
         shape_of_score.append(picked[0].ndim)
         return torch.stack([s.reshape(batch, -1) for s in picked])  # (L, B, T)
 
-    s, pull = vjp(f, *[torch.zeros_like(p) for p in probe])
+    s, pull = vjp(f, *[x.new_zeros(shape) for shape in probe_shapes])
     squeeze = bool(shape_of_score) and shape_of_score[0] == 1
     n_l, _, n_t = s.shape
     eye = torch.eye(n_l * n_t, dtype=s.dtype, device=s.device).reshape(n_l * n_t, n_l, 1, n_t)
     grads = vmap(pull)(eye.expand(-1, -1, batch, -1))  # per block: (L * T, B, heads, N, N)
-    keys = _keys_layout(probe[wanted[0]].shape[-1], x, own["prefix_tokens"], trace, hint and hint.layout)
+    keys = _keys_layout(probe_shapes[wanted[0]][-1], x, own["prefix_tokens"], trace, hint and hint.layout)
     maps = []
     for j, i in enumerate(wanted):
         g = grads[i].unflatten(0, (n_l, n_t))[j]  # (T, B, heads, N, N)

@@ -128,15 +128,19 @@ def trace_with(model: Model, params: Params, x: Tensor, options: dict[str, Any])
 
 
 # ----------------------------------------------------------------------------------------- Finer-CAM
-def finer_classes(target: Target, clean: Tensor, k: int) -> tuple[Tensor, Tensor, bool]:
-    """Finer-CAM's classes on the clean logits ``(B, C)``: the main classes ``(B, T)``, the ``k`` classes
-    with the closest logits to each ``(B, T, k)`` (the main class excluded, ``k`` capped at ``C - 1``), and
-    whether the target gives one map per sample."""
+def _check_finer_target(target: Target) -> None:
     if callable(target) and not isinstance(target, Tensor):
         raise TargetError(
             "finercam contrasts a class with its nearest classes: pass target=None, an int or a (B,) / (B, T) "
             "tensor of class indices, not a callable (for a custom contrast use camfn.targets.contrastive)"
         )
+
+
+def finer_classes(target: Target, clean: Tensor, k: int) -> tuple[Tensor, Tensor, bool]:
+    """Finer-CAM's classes on the clean logits ``(B, C)``: the main classes ``(B, T)``, the ``k`` classes
+    with the closest logits to each ``(B, T, k)`` (the main class excluded, ``k`` capped at ``C - 1``), and
+    whether the target gives one map per sample."""
+    _check_finer_target(target)
     batch, n = clean.shape
     if n < 2:
         raise TargetError("finercam needs a model with at least 2 classes to compare with")
@@ -195,9 +199,10 @@ def finercam(model: Model, params: Params, x: Tensor, layer: Any, target: Target
     .. math:: \text{mode="torchcam"}: \quad S = y_c - \alpha\, \frac{1}{|D|} \sum_{d \in D} y_d, \quad \alpha = 0.6
 
     (torchcam's ``FinerCAM``: an unweighted mean, :func:`camfn.targets.contrastive`). ``alpha=None`` is the
-    mode's default. The classes are chosen once on the clean input, so perturbation bases (``scorecam``...)
-    score every perturbed copy against the same classes. Options: ``base`` (default ``"gradcam"``), ``mode``,
-    ``alpha``, ``k`` (default 3); the other options go to the base method.
+    mode's default. The classes are chosen on the clean logits: for gradient bases from the logits of the
+    base's own forward (one forward in all), for the others from one clean forward first, so perturbation
+    bases (``scorecam``...) score every perturbed copy against the same classes. Options: ``base`` (default
+    ``"gradcam"``), ``mode``, ``alpha``, ``k`` (default 3); the other options go to the base method.
 
     Example:
         >>> import torch, torchvision, camfn
@@ -207,10 +212,20 @@ def finercam(model: Model, params: Params, x: Tensor, layer: Any, target: Target
         torch.Size([2, 2, 64, 64])
     """
     alpha = own["alpha"] if own["alpha"] is not None else (1.0 if own["mode"] == "gradcam" else 0.6)
+    base, mode, k = own["base"], own["mode"], own["k"]
+    if base.spec.needs == "gradients" and not rest.get("aug_smooth"):  # one forward: classes from its logits
+
+        def score(output: Tensor) -> Tensor:
+            logits = _logits(output, "finercam")
+            main, refs, squeeze = finer_classes(target, logits.detach(), k)
+            return finer_score(main, refs, squeeze, mode, alpha)(logits)
+
+        _check_finer_target(target)
+        return base(model, params, x, layer, score, **rest)
     trace, shared = trace_with(model, params, x, {k: v for k, v in rest.items() if k in TRACING})
     clean = _logits(pick(trace.program()(params, x), shared["output"]), "finercam")
-    main, refs, squeeze = finer_classes(target, clean, own["k"])
-    return own["base"](model, params, x, layer, finer_score(main, refs, squeeze, own["mode"], alpha), **rest)
+    main, refs, squeeze = finer_classes(target, clean, k)
+    return base(model, params, x, layer, finer_score(main, refs, squeeze, mode, alpha), **rest)
 
 
 # ----------------------------------------------------------------------------------------- RefineCAM
