@@ -31,6 +31,7 @@ from ..layout import Tokens, grid_of, resolve_tokens
 from ..options import Option, choice, validate
 from ..postprocess import finish
 from ..rewrite import Program, program
+from ..runtime import eager
 from ..targets import Target, scores
 from ..tracing import Model, Params, Traced
 from .composite import composite, trace_with
@@ -342,6 +343,32 @@ def _prefix(value: Any, name: str) -> int | None:
     raise OptionError(f"{name}={value!r}: use None (inferred from the model and the keys) or an int >= 0")
 
 
+def _block_gradients(f: Any, zeros: list[Tensor], wanted: list[int], x: Tensor, params: Params) -> list[Tensor]:
+    """``d s^l / d P^l`` ``(T, B, heads, N, N)`` for each wanted block ``l``, with ``f(*deltas) -> L x (B, T)``
+    the block scores for perturbations of every block's attention. Outside transforms: plain autograd from
+    each block's own score (never through a stack of all of them, which would send zeros through every later
+    block) to its own attention, so the blocks before and after it are not traversed; inside transforms one
+    ``vjp`` pulled back for every (block, target) pair."""
+    if eager():
+        graph = torch.is_grad_enabled() and (x.requires_grad or any(v.requires_grad for v in params.values()))
+        with torch.enable_grad():
+            deltas = [z.requires_grad_() for z in zeros]
+            s = f(*deltas)
+            out = []
+            for j, i in enumerate(wanted):  # one backward per target (batched backward has no fast vmap rules)
+                g = [
+                    torch.autograd.grad(s[j][:, t].sum(), deltas[i], retain_graph=True, create_graph=graph)[0]
+                    for t in range(s[j].shape[1])
+                ]
+                out.append(torch.stack(g) if graph else torch.stack(g).detach())
+            return out
+    s, pull = vjp(lambda *d: torch.stack(f(*d)), *zeros)
+    n_l, batch, n_t = s.shape
+    eye = torch.eye(n_l * n_t, dtype=s.dtype, device=s.device).reshape(n_l * n_t, n_l, 1, n_t)
+    grads = vmap(pull)(eye.expand(-1, -1, batch, -1))  # per block: (L * T, B, heads, N, N)
+    return [grads[i].unflatten(0, (n_l, n_t))[j] for j, i in enumerate(wanted)]
+
+
 @composite({"pool": Option("mean", choice("mean", "model")), "prefix_tokens": Option(None, _prefix)}, "attention")
 def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, own: dict, rest: dict) -> Tensor:
     r"""LeGrad (Bousselham et al., 2024): positive gradients of block scores w.r.t. their attention.
@@ -413,21 +440,17 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
 
     shape_of_score: list[int] = []
 
-    def f(*deltas: Tensor) -> Tensor:
+    def f(*deltas: Tensor) -> list[Tensor]:
         logits, _ = prog(params, x, *deltas)
         picked = [score(logits[i]) for i in wanted]
         shape_of_score.append(picked[0].ndim)
-        return torch.stack([s.reshape(batch, -1) for s in picked])  # (L, B, T)
+        return [s.reshape(batch, -1) for s in picked]  # L x (B, T)
 
-    s, pull = vjp(f, *[x.new_zeros(shape) for shape in probe_shapes])
+    per_block = _block_gradients(f, [x.new_zeros(shape) for shape in probe_shapes], wanted, x, params)
     squeeze = bool(shape_of_score) and shape_of_score[0] == 1
-    n_l, _, n_t = s.shape
-    eye = torch.eye(n_l * n_t, dtype=s.dtype, device=s.device).reshape(n_l * n_t, n_l, 1, n_t)
-    grads = vmap(pull)(eye.expand(-1, -1, batch, -1))  # per block: (L * T, B, heads, N, N)
     keys = _keys_layout(probe_shapes[wanted[0]][-1], x, own["prefix_tokens"], trace, hint and hint.layout)
     maps = []
-    for j, i in enumerate(wanted):
-        g = grads[i].unflatten(0, (n_l, n_t))[j]  # (T, B, heads, N, N)
+    for g in per_block:  # (T, B, heads, N, N)
         relevance = F.relu(g).mean((2, 3))[..., keys.prefix :].movedim(0, 1)  # (B, T, patches)
         maps.append(relevance.unflatten(-1, keys.grid))
     cam = finish(torch.stack(maps).mean(0), x, **{k: final[k] for k in ("relu", "size", "normalize")})
