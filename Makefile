@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.perturbation --methods score --markdown > benchmarks/results/perturbation.md
 	$(BIN)/python -m benchmarks.speed --kind fast --models resnet18 resnet50 --batches 1 8 --markdown
 	$(BIN)/python -m benchmarks.speed --kind slow --models resnet18 --markdown benchmarks/results/speed-slow.md
+	$(BIN)/python -m benchmarks.speed --methods fullgrad shapleycam --models resnet50 --batches 8 --repeats 2 --markdown benchmarks/results/fullgrad-shapleycam.md
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
 	$(BIN)/python -m benchmarks.overhead --before 0dce887 --calls 100 --markdown
 	$(BIN)/python -m benchmarks.score_sizes --markdown
