@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
 	$(BIN)/python -m benchmarks.overhead --before 0dce887 --calls 100 --markdown
 	$(BIN)/python -m benchmarks.score_sizes --markdown
+	$(BIN)/python -m benchmarks.legrad_depth --markdown
 	$(BIN)/python -m benchmarks.scaling --markdown
 	$(BIN)/python -m benchmarks.quality --n 256 --steps 16 --markdown benchmarks/results/quality.md
 

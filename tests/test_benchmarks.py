@@ -17,7 +17,7 @@ ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:  # the benchmarks package lives beside camfn, outside the installed package
     sys.path.insert(0, ROOT)
 
-from benchmarks import gradcam_detail, scaling, speed  # noqa: E402
+from benchmarks import gradcam_detail, legrad_depth, scaling, speed  # noqa: E402
 
 
 def test_race_quick_defaults_are_small():
@@ -143,6 +143,13 @@ def test_scaling_end_to_end_tiny():
     rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| axis")]
     assert [r.split(" | ")[0] for r in rows] == ["| batch", "| targets", "| channels", "| width", "| size"]
     assert "256 (layer3), 512 (layer4)" in rows[2]
+
+
+def test_legrad_depth_end_to_end_tiny():
+    body = legrad_depth.main(["--depths", "1", "2", "--size", "32", "--quick"])
+    rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| blocks")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 2"]
+    assert all(r.rstrip(" |").endswith("x") for r in rows)
 
 
 def test_scaling_doctests():
