@@ -100,7 +100,8 @@ class Cache:
     inference: dict[tuple, Any] = field(default_factory=dict)  # input shape -> inference.Inference
     guided: Program | None = None
     classifier: dict[str, str] = field(default_factory=dict)  # layer -> path of the final nn.Linear
-    attention: dict[tuple, Any] = field(default_factory=dict)  # legrad: (pool,) -> (Program, blocks); probes
+    attention: dict[tuple, Any] = field(default_factory=dict)  # (pool, item shape) -> legrad's (Program, blocks)
+    probes: dict[tuple, Any] = field(default_factory=dict)  # (pool, input shape...) -> legrad's (blocks, P shapes)
     biases: tuple | None = None  # fullgrad: (node, bias key, BatchNorm keys and eps or None) of each bias layer
     defaults: dict[tuple, Any] = field(default_factory=dict)  # item shape -> adapters.Defaults (structure only)
 

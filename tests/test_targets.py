@@ -300,3 +300,24 @@ def test_detection_target_on_fasterrcnn_outputs(detector: nn.Module) -> None:
     assert torch.equal(detection(away, labels)(found), torch.zeros(2))
     grads = torch.autograd.grad(score.sum(), list(features.values()), allow_unused=True)
     assert sum(float(g.abs().sum()) for g in grads if g is not None) > 0
+
+
+# ---------------------------------------------------------------------------------------------- best_query
+def test_best_query_closed_form_and_bad_inputs():
+    """DETR-style logits (B, Q, C + 1): None = max over queries and real classes (the last column, "no object",
+    never counts); c = class c's best query, per sample for tensors; bad shapes and classes are TargetErrors."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 4, dtype=torch.float64)
+    logits[:, :, -1] = 100.0  # "no object" is the largest everywhere and must be ignored
+    best = camfn.targets.best_query()(logits)
+    torch.testing.assert_close(best, torch.stack([logits[b, :, :3].max() for b in range(3)]), rtol=0, atol=0)
+    c = torch.tensor([2, 0, 1])
+    per = camfn.targets.best_query(c)(logits)
+    torch.testing.assert_close(per, torch.stack([logits[b, :, c[b]].max() for b in range(3)]), rtol=0, atol=0)
+    two = camfn.targets.best_query(torch.tensor([[0, 1]] * 3))(logits)
+    assert two.shape == (3, 2)
+    torch.testing.assert_close(two[:, 1], camfn.targets.best_query(1)(logits), rtol=0, atol=0)
+    with pytest.raises(camfn.errors.TargetError, match="out of range"):
+        camfn.targets.best_query(3)(logits)  # class 3 is "no object": not a real class
+    with pytest.raises(camfn.errors.TargetError, match=r"queries, classes \+ 1"):
+        camfn.targets.best_query(0)(logits[:, 0])

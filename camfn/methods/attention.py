@@ -411,12 +411,12 @@ def legrad(model: Model, params: Params, x: Tensor, layer: Any, target: Target, 
         )
     prog, blocks = _legrad_program(trace, own["pool"], x)
     batch = x.shape[0]
-    key = ("probe", own["pool"], tuple(x.shape), x.dtype, x.device.type)
-    if key not in trace.cache.attention:  # which blocks work and their attention's shape: structure only
+    key = (own["pool"], tuple(x.shape), x.dtype, x.device.type)
+    if key not in trace.cache.probes:  # which blocks work and their attention's shape: structure only
         with torch.no_grad():
             probe_logits, probe = prog(params, x, *([x.new_zeros(())] * len(blocks)))
-        trace.cache.attention[key] = (_global_blocks(probe, probe_logits, blocks, batch), [p.shape for p in probe])
-    usable, probe_shapes = trace.cache.attention[key]
+        trace.cache.probes[key] = (_global_blocks(probe, probe_logits, blocks, batch), [p.shape for p in probe])
+    usable, probe_shapes = trace.cache.probes[key]
     wanted = usable
     if layer is not None:
         names = [layer] if isinstance(layer, str | nn.Module) else list(layer) if isinstance(layer, Sequence) else None
