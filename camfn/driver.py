@@ -57,7 +57,7 @@ from .postprocess import finish, first_component, normalize
 from .pullback import activations, channels_last, gradients
 from .rewrite import HeadTail, cut_after, inject
 from .runtime import concrete, in_transform
-from .targets import Output, Target, fixed, is_callable, is_per_sample, pick, resolve, scores
+from .targets import Anchored, Output, Target, fixed, is_callable, is_per_sample, pick, resolve, scores
 from .targets import classes as target_classes
 from .tracing import Model, Params, Traced, traced
 
@@ -386,6 +386,8 @@ def explain(spec: Spec, model: Model, params: Params, x: Tensor, layer: Layers, 
         call.score = scores(target, x.shape[0], n_classes, opts["output"])
         result = gradients(inject(trace, nodes), params, x, call.score)
         squeeze, call.output = result.squeeze, result.output
+        if isinstance(target, Anchored):  # later scores of other inputs (noisy copies) use the clean anchor
+            call.score = fixed(target, call.output, x.shape[0], n_classes, opts["output"])
         _check_scores(call, result.scores, bad_input, opts)
         if call.target_is_callable and concrete(x):
             _check_dependence(call, result.grads)
@@ -570,6 +572,9 @@ def _augmented(
 ) -> Maps:
     """``aug_smooth`` on a driver method (see :func:`augmented`)."""
     top1 = (lambda: resolve(None, trace.program()(params, x), opts["output"])) if spec.fixed_target else None
+    if isinstance(target, Anchored):  # every view is scored against the clean input's anchor
+        with torch.no_grad():
+            target = resolve(target, trace.program()(params, x), opts["output"])
     inner = {**opts, "aug_smooth": False}
     return augmented(
         lambda xs, t: explain(spec, model, params, xs, layer, t, inner), x, target, top1, opts["normalize"]

@@ -45,6 +45,7 @@ from .errors import OptionError, TargetError
 from .runtime import concrete, peek
 
 __all__ = [
+    "Anchored",
     "Output",
     "Target",
     "best_query",
@@ -522,8 +523,33 @@ def scores(target: Target, batch: int, num_classes: int | None, output: Output =
     return score
 
 
+class Anchored:
+    r"""A target defined relative to the clean output itself: ``make(anchor) -> score`` (e.g. an embedding's
+    length along its own clean direction, :func:`camfn.adapters.transformers.toward`).
+
+    Called on an output, it anchors on that very output, detached:
+    :math:`S(o) = \mathrm{make}(\mathrm{sg}(o))(o)`, so a gradient method needs no extra clean forward;
+    :func:`resolve` pins the anchor to the clean output (``make(clean)``) for methods that score perturbed or
+    noisy copies, so every copy is scored against the clean input.
+
+    Example:
+        >>> import torch
+        >>> from camfn.targets import Anchored, resolve
+        >>> along = Anchored(lambda r: lambda o: (o * r).sum(1))
+        >>> along(torch.tensor([[1.0, 2.0]])), resolve(along, torch.tensor([[1.0, 0.0]]))(torch.tensor([[3.0, 5.0]]))
+        (tensor([5.]), tensor([3.]))
+    """
+
+    def __init__(self, make: Callable[[Tensor], ScoreFn]) -> None:
+        self.make = make
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return self.make(output.detach())(output)
+
+
 def resolve(target: Target, output: Any, selector: Output = None) -> Target:
-    """``target`` with ``None`` made concrete: the top-1 class ``(B,)`` of ``output`` (after ``selector``).
+    """``target`` with ``None`` made concrete: the top-1 class ``(B,)`` of ``output`` (after ``selector``); an
+    :class:`Anchored` target anchored on ``output``.
 
     The one place a default target becomes a fixed class (perturbation methods, smoothing, metrics,
     evaluation and the command line all call it).
@@ -534,6 +560,8 @@ def resolve(target: Target, output: Any, selector: Output = None) -> Target:
         >>> resolve(None, torch.tensor([[0.0, 2.0], [3.0, 1.0]])).tolist(), resolve(4, None)
         ([1, 0], 4)
     """
+    if isinstance(target, Anchored):
+        return target.make(pick(output, selector).detach())
     if target is not None:
         return target
     logits = _check_logits(pick(output, selector), "index")

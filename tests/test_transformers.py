@@ -198,6 +198,29 @@ def test_embedding_default_target(models, x):
     torch.testing.assert_close(camfn.gradcam(model, camfn.params(model), x), expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("gradcam", {}), ("smooth_gradcampp", {"n": 2}), ("scorecam", {}), ("gradcam", {"aug_smooth": True})],
+    ids=["gradcam", "smooth_gradcampp", "scorecam", "aug_smooth"],
+)
+def test_embedding_default_target_anchors_on_the_clean_input(models, x, method, options):
+    """The default embedding target needs no forward of its own: a gradient method anchors it on its own clean
+    forward; noisy copies, perturbed copies and augmented views are all scored against the clean embedding."""
+    model = models("dinov2")
+    with torch.no_grad():
+        direction = F.normalize(model(x).pooler_output, dim=1)
+    layer = "encoder.layer.1.norm1"
+
+    def explicit(e):
+        r = direction if e.shape[0] == direction.shape[0] else direction.repeat(e.shape[0] // direction.shape[0], 1)
+        return (e * r).sum(1)
+
+    run = camfn.METHODS[method]
+    got = run(model, camfn.params(model), x, layer, **options)
+    want = run(model, camfn.params(model), x, layer, explicit, layout="vit", output="pooler_output", **options)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
 # ------------------------------------------------------------------------------- parity, float64
 class _Field(torch.nn.Module):
     """pytorch-grad-cam's HuggingFace tutorial wrapper: the model's output field as a tensor."""

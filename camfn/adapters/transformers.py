@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..layer_names import channel_first, input_nodes, spatial, token_layer
 from ..layout import Tokens
-from ..targets import best_query, pick
+from ..targets import Anchored, best_query
 from . import Defaults, register
 
 __all__ = ["defaults", "toward"]
@@ -134,9 +134,18 @@ def _detector(info: Any) -> bool:
 
 
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
-    """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring)."""
+    """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring); they depend on
+    the model's structure and the input shape only (the embedding target anchors on each call's own clean
+    output), so they are kept with the trace."""
     if trace is None or x.ndim != 4:
         return None
+    key = ("transformers", tuple(x.shape[1:]))
+    if key not in trace.cache.defaults:
+        trace.cache.defaults[key] = _defaults(model, trace, x)
+    return trace.cache.defaults[key]
+
+
+def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults:
     shapes = trace.node_shapes(x)
     output = _output(shapes["output"])
     layer, layout = _stage(model, trace, x), None
@@ -144,10 +153,7 @@ def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor)
     if block is not None:
         layout = _tokens(model, tuple(shapes[trace.resolve(block)][0]), x)
         layer = block if layout.prefix else (_last_norm(trace, x) or block)
-    target = None
-    if output in EMBEDDINGS:
-        with torch.no_grad():
-            target = toward(pick(trace.program()(params, x), output))
+    target = Anchored(toward) if output in EMBEDDINGS else None
     if _detector(shapes["output"]):
         return Defaults(layer=layer, layout=layout, output=output, target=best_query(), classes=best_query)
     return Defaults(layer=layer, layout=layout, output=output, target=target)

@@ -74,7 +74,7 @@ def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor)
     they depend on the model's structure and the input shape only, so they are kept with the trace."""
     if trace is None or x.ndim != 4:
         return None
-    key = tuple(x.shape[1:])
+    key = ("vision", tuple(x.shape[1:]))
     if key not in trace.cache.defaults:
         trace.cache.defaults[key] = _defaults(model, trace, x)
     return trace.cache.defaults[key]
