@@ -12,7 +12,10 @@ the one-time warm-up), then one call each, in this order so that drifting load s
 inference program, cached afterwards), grad-cam ``ScoreCAM(model, [model.layer4[-1]])``, camfn with
 ``chunk_size=8``, torchcam ``ScoreCAM(model, "layer4")``, camfn with ``chunk_size=64``, and the default again
 (warm; not with ``--quick``). Reported: each time and the faster reference's time over it (the speed-up; goal
->= 1.5x for the default). Each library has its own deepcopy of the model. Nothing is asserted.
+>= 1.5x for the default). Each library has its own deepcopy of the model. Then the floors: ``K`` forwards of
+the network alone (no masks, no scores) in camfn's fused program at the default chunk size and eagerly at
+grad-cam's and torchcam's batch sizes; the faster reference's time over the fused floor is the most any
+exact Score-CAM that scores every channel can reach on this machine. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -51,7 +54,10 @@ from benchmarks.common import (
     timed,
     torch_threads,
 )
-from camfn.chunks import copies_per_forward
+from camfn.chunks import chunked, copies_per_forward
+from camfn.inference import bind
+from camfn.pullback import activations, channels_last
+from camfn.rewrite import inject
 
 RESULTS = os.path.join("benchmarks", "results", "score-sizes.md")
 RESULTS_QUICK = os.path.join("benchmarks", "results", "score-sizes-quick.md")
@@ -146,6 +152,44 @@ def measure(size: int, args: argparse.Namespace) -> list[list[str]]:
             [f"{size} px", name, fmt(times[name]), "-" if library != "camfn" else f"{speedup:.2f}x", goal, same]
         )
     rows.append([f"{size} px", f"faster reference: {faster}", fmt(times[faster]), "", "", ""])
+    return rows + floors(size, args, times[faster])
+
+
+def floors(size: int, args: argparse.Namespace, reference: float) -> list[list[str]]:
+    """What any exact Score-CAM pays: ``K`` forwards of the network alone (no masks, no scores), in camfn's
+    fused program at the default chunk size and eagerly at grad-cam's and torchcam's batch sizes (16, 32);
+    and how many of the ``K`` masks are distinct (the ones camfn scores)."""
+    torch.manual_seed(args.seed)
+    base = torchvision.models.get_model(args.model, weights=None).eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(args.seed))
+    p = camfn.params(base)
+    traced = camfn.tracing.traced(base, p, x)
+    node = traced.resolve(args.layer)
+    _, (a,) = activations(inject(traced, [node], with_output=False), p, x)
+    k = a.shape[1]
+    low, high = a.flatten(2).amin(-1, keepdim=True), a.flatten(2).amax(-1, keepdim=True)
+    distinct = torch.unique(((a.flatten(2) - low) / (high - low + 1e-8))[0], dim=0).shape[0]
+    per = copies_per_forward(DEFAULT_CHUNK, x.shape[1:])
+    network = bind(traced, channels_last(p), x)
+    fused = x.expand(per, *x.shape[1:]).contiguous(memory_format=torch.channels_last)
+
+    def forwards(run: Callable[[torch.Tensor], Any], inputs: torch.Tensor, n: int) -> Callable[[], Any]:
+        def go() -> None:
+            with torch.no_grad():
+                chunked(lambda idx: run(inputs[: idx.numel()]), n, inputs.shape[0])
+
+        return go
+
+    runs = [(f"floor: {k} forwards alone, camfn's fused program ({per} per forward, even chunks)", network, fused)]
+    runs += [
+        (f"floor: {k} forwards alone, eager, batch {b}", base, x.expand(b, *x.shape[1:]).clone()) for b in (16, 32)
+    ]
+    rows = []
+    for name, run, inputs in runs:
+        forwards(run, inputs, inputs.shape[0])()  # warm: one forward of a whole chunk
+        seconds = timed(forwards(run, inputs, k), CPU)[0]
+        rows.append([f"{size} px", name, fmt(seconds), f"{reference / seconds:.2f}x", "-", "-"])
+    rows.append([f"{size} px", f"distinct masks (scored by camfn): {distinct} of {k}", "", "", "", ""])
     return rows
 
 
@@ -176,7 +220,9 @@ def main(argv: list[str] | None = None) -> str:
             'layer); ", warm" is a second call. The chunk_size variants reuse them. Maps are in [0, 1]. '
             f"{DEFAULT_CHUNK!r} gives "
             + ", ".join(f"{copies_per_forward(DEFAULT_CHUNK, (3, s, s))} at {s} px" for s in args.sizes)
-            + " masked images per forward (camfn.chunks.copies_per_forward).",
+            + " masked images per forward (camfn.chunks.copies_per_forward). The floors are the network alone "
+            "K times (no masks, no scores): the faster reference's time over camfn's fused floor bounds what any "
+            "exact Score-CAM that scores every channel reaches here; camfn scores only the distinct masks.",
             "",
             f"- load average at end: {loadavg()}; total wall time {time.perf_counter() - start:.0f} s; this process "
             f"used {share.used():.0%} of {torch.get_num_threads()} thread(s) x wall time",

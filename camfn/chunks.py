@@ -62,12 +62,14 @@ def chunked(
     progress: bool = False,
     desc: str = "",
 ) -> Any:
-    """``fn`` over ``arange(n)`` in chunks of ``size`` indices, concatenated on axis 0 (or summed).
+    """``fn`` over ``arange(n)`` in chunks of at most ``size`` indices (the fewest such chunks, of even
+    sizes), concatenated on axis 0 (or summed).
 
     ``size=None`` evaluates everything at once. ``progress=True`` shows a tqdm bar (optional dependency
     ``pip install camfn[progress]``).
     """
     size = n if size is None else max(1, size)
+    size = -(-n // -(-n // size)) if n else size  # as many chunks, of even sizes (98 + 98 + 22 -> 73 x 3)
     starts: Any = range(0, n, size)
     if progress:
         try:

@@ -194,13 +194,18 @@ def _static(graph: fx.Graph) -> set[fx.Node]:
     return static
 
 
-@dataclass(frozen=True)
+@dataclass
 class Inference:
-    """``weights(params) -> consts`` (parameter-only work) and ``run(params, x, *consts) -> output``."""
+    """``weights(params) -> consts`` (parameter-only work) and ``run(params, x, *consts) -> output``.
+
+    ``fused`` convolutions were rewritten; ``checked`` once the fused program has run (oneDNN refuses some
+    fusions only when it runs them: :func:`bind` then falls back to the plain program and sets ``fused=0``).
+    """
 
     weights: Program
     run: Program
     fused: int
+    checked: bool = False
 
 
 def _partition(traced: Traced, graph: fx.Graph, fused: int) -> Inference:
@@ -235,29 +240,15 @@ def inference(traced: Traced, x: Tensor) -> Inference:
         graph = copy.deepcopy(traced.module.graph)
         fused = _fuse(graph, traced.module, traced.node_shapes(x))
         graph.lint()
-        found = _partition(traced, graph, fused)
-        if fused and not _runs(found, traced, x):  # oneDNN refuses some fusions (e.g. on a 1 x 1 map)
-            found = Inference(found.weights, found.run, 0)
-        traced.cache.inference[key] = found
+        found = traced.cache.inference[key] = _partition(traced, graph, fused)
     return found
-
-
-def _runs(fast: Inference, traced: Traced, x: Tensor) -> bool:
-    """Whether the fused program runs on an input like ``x`` (checked once per shape, on zeros)."""
-    state = dict(traced.defaults)
-    try:
-        with torch.no_grad():
-            fast.run(state, torch.zeros_like(x), *fast.weights(state))
-    except RuntimeError:
-        return False
-    return True
 
 
 def bind(traced: Traced, params: dict[str, Tensor], x: Tensor) -> Callable[[Tensor], Any]:
     """``inputs -> output`` for inputs shaped like ``x``: the fast program with ``params``' weights packed once.
 
-    Falls back to the plain traced program where the fast path is not :func:`available` or finds no
-    convolution to fuse.
+    Falls back to the plain traced program where the fast path is not :func:`available`, finds no
+    convolution to fuse, or oneDNN refuses a fusion the first time it runs (e.g. on a 1 x 1 map).
     """
     program = traced.program()
     differentiable = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
@@ -266,5 +257,24 @@ def bind(traced: Traced, params: dict[str, Tensor], x: Tensor) -> Callable[[Tens
     fast = inference(traced, x)
     if not fast.fused:
         return lambda inputs: program(params, inputs)
-    consts = fast.weights(params)
-    return lambda inputs: fast.run(params, inputs, *consts) if available(inputs) else program(params, inputs)
+    try:
+        consts = fast.weights(params)
+    except RuntimeError:
+        fast.fused = 0
+        return lambda inputs: program(params, inputs)
+
+    def run(inputs: Tensor) -> Any:
+        if not (fast.fused and available(inputs)):
+            return program(params, inputs)
+        if fast.checked:
+            return fast.run(params, inputs, *consts)
+        try:
+            out = fast.run(params, inputs, *consts)
+        except RuntimeError:
+            out = program(params, inputs)  # the plain program raises an error of the model's own
+            fast.fused = 0
+            return out
+        fast.checked = True
+        return out
+
+    return run

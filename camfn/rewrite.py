@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -165,6 +165,42 @@ def _functional(graph: fx.Graph, module: nn.Module, path: str, args: Any, kwargs
     return None
 
 
+_STATELESS: dict[type, Callable[[nn.Module], tuple[Callable[..., Any], tuple, dict]]] = {
+    nn.ReLU: lambda m: (F.relu, (), {"inplace": m.inplace}),
+    nn.ReLU6: lambda m: (F.relu6, (), {"inplace": m.inplace}),
+    nn.Hardswish: lambda m: (F.hardswish, (), {"inplace": m.inplace}),
+    nn.Hardsigmoid: lambda m: (F.hardsigmoid, (), {"inplace": m.inplace}),
+    nn.SiLU: lambda m: (F.silu, (), {"inplace": m.inplace}),
+    nn.GELU: lambda m: (F.gelu, (), {"approximate": m.approximate}),
+    nn.Sigmoid: lambda m: (torch.sigmoid, (), {}),
+    nn.Tanh: lambda m: (torch.tanh, (), {}),
+    nn.Flatten: lambda m: (torch.flatten, (m.start_dim, m.end_dim), {}),
+    nn.MaxPool2d: lambda m: (
+        F.max_pool2d,
+        (m.kernel_size, m.stride, m.padding, m.dilation),
+        {"ceil_mode": m.ceil_mode, "return_indices": m.return_indices},
+    ),
+    nn.AdaptiveAvgPool2d: lambda m: (F.adaptive_avg_pool2d, (m.output_size,), {}),
+    nn.AvgPool2d: lambda m: (
+        F.avg_pool2d,
+        (m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override),
+        {},
+    ),
+    nn.Dropout: lambda m: (F.dropout, (m.p, m.training, m.inplace), {}),
+}
+"""Modules without state whose call is one function of their (fingerprinted) attributes: called directly,
+not through ``nn.Module.__call__`` (a few microseconds each, on every call)."""
+
+
+def _stateless(graph: fx.Graph, module: nn.Module, x: Any) -> fx.Node | None:
+    """``module(x)`` as a direct function call when ``module`` is a known stateless kind, else None."""
+    make = _STATELESS.get(type(module))
+    if make is None:
+        return None
+    fn, args, kwargs = make(module)
+    return graph.call_function(fn, (x, *args), kwargs)
+
+
 def _private(module: nn.Module, state: Params, prefix: str) -> nn.Module:
     """A structural copy of ``module`` holding ``state``'s tensors (buffers copied: writes stay private)."""
     clone = copy.copy(module)
@@ -229,6 +265,8 @@ def _lift(module: fx.GraphModule, graph: fx.Graph, state: frozenset[str]) -> tup
                     read.update(f"{node.target}.{k}" for k in local)
                     args = fx.map_arg(node.args, lambda a: env[a])
                     new = out.call_module(name, (params, *args), fx.map_arg(node.kwargs, lambda a: env[a]))
+            elif not node.kwargs and len(node.args) == 1:
+                new = _stateless(out, sub, env[node.args[0]] if isinstance(node.args[0], fx.Node) else node.args[0])
             if new is None:
                 owned[node.target] = sub
         if new is None:

@@ -316,34 +316,69 @@ def test_split_tail_never_writes_head_values() -> None:
     assert (before < 0).any() and torch.equal(a, before)
 
 
+class _Counted(GapNet):
+    """GapNet whose forward records the batch size of every input it sees (through a leaf module)."""
+
+    def __init__(self) -> None:
+        super().__init__(classes=3, width=8)
+        self.seen: list[int] = []
+        self.count = _Count(self.seen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.count(x))
+
+
+class _Count(torch.nn.Module):
+    def __init__(self, seen: list[int]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.shape[0])
+        return x
+
+
+COUNTED = {"tracer_options": {"leaf_modules": [_Count]}, "chunk_size": None}
+
+
 def test_scorecam_scores_the_zero_mask_once() -> None:
-    """Channels that are zero in every sample give the same masked input (zeros): one forward for all of them."""
+    """Channels that are zero in every sample give the same masked input (zeros): one copy for all of them."""
     torch.manual_seed(5)
-    seen = []
-
-    class Count(torch.nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(x.shape[0])
-            return x
-
-    class Net(GapNet):
-        def __init__(self) -> None:
-            super().__init__(classes=3, width=8)
-            self.count = Count()
-            with torch.no_grad():  # channels 0..4 of conv2 are dead after the ReLU
-                self.conv2.weight[:5] = 0
-                self.conv2.bias[:5] = -1
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return super().forward(self.count(x))
-
-    model = Net().eval()
+    model = _Counted()
+    with torch.no_grad():  # channels 0..4 of conv2 are dead after the ReLU
+        model.conv2.weight[:5] = 0
+        model.conv2.bias[:5] = -1
+    model.eval()
     x = torch.randn(2, 3, 8, 8)
-    opts = {"tracer_options": {"leaf_modules": [Count]}, "chunk_size": None}
-    maps = camfn.scorecam(model, camfn.params(model), x, "act", 1, **opts)
-    # clean forward (2) + head-only forward (2) + the zero input (2) + 3 live channels x 2 samples
-    assert seen[-4:] == [2, 2, 2, 6], seen
-    assert sum(seen[-4:]) == 12
+    maps = camfn.scorecam(model, camfn.params(model), x, "act", 1, **COUNTED)
+    # clean forward (2) + head-only forward (2) + (the zero input + 3 live channels) x 2 samples
+    assert model.seen[-3:] == [2, 2, 8], model.seen
     a = model.act(model.conv2(model.relu(model.bn(model.conv1(x)))))
     assert a[:, :5].eq(0).all() and a[:, 5:].flatten(2).amax(-1).gt(0).all()
     assert maps.shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_scorecam_scores_each_distinct_mask_once(seed: int) -> None:
+    """Channels with the same min-max normalised map in every sample share a mask: each distinct one is
+    scored once, and the map is the formula's, looped over every channel."""
+    torch.manual_seed(seed)
+    model = _Counted().double()
+    with torch.no_grad():  # channels 4..7 of conv2: copies of 0..3
+        model.conv2.weight[4:] = model.conv2.weight[:4]
+        model.conv2.bias[4:] = model.conv2.bias[:4]
+    model.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    p = camfn.params(model)
+    maps = camfn.scorecam(model, p, x, "act", 1, **COUNTED, **RAW)
+    a = model.act(model.conv2(model.relu(model.bn(model.conv1(x)))))
+    span = a.flatten(2).amax(-1) - a.flatten(2).amin(-1)
+    assert (span > 0).all()  # no constant channel: the saving is from the copies alone
+    assert model.seen[-1] == 4 * 2, model.seen  # 4 distinct masks x 2 samples in one forward
+    up = torch.nn.functional.interpolate(a, size=(8, 8), mode="bilinear", align_corners=True)
+    low, high = up.flatten(2).amin(-1)[..., None, None], up.flatten(2).amax(-1)[..., None, None]
+    masks = (up - low) / (high - low + 1e-8)
+    with torch.no_grad():
+        s = torch.stack([model(x * masks[:, k : k + 1])[:, 1] for k in range(a.shape[1])], 1)  # (B, K)
+    expected = (s.softmax(1)[..., None, None] * a).sum(1)
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)

@@ -118,9 +118,10 @@ def _masked_scores(
     """``S(scale * x * (M_k + noise_k))`` for every channel ``k``: ``(K, B, T)``.
 
     ``masks(a_chunk, size)`` builds the masks of a chunk of channels at input resolution, so at most one
-    chunk of masks and masked inputs exists at once. A constant channel (all zero after a ReLU,
-    typically) gives the mask 0 and the masked input 0: when that holds for the whole batch and there is
-    no noise, it is scored once (outside transforms).
+    chunk of masks and masked inputs exists at once. Without noise (and outside transforms), channels whose
+    min-max normalised maps are equal in every sample have the same mask (up to rounding), so each distinct
+    one is scored once: all constant channels (zero after a ReLU, typically: mask 0), and at small maps the
+    many channels that are positive at one position only.
     """
     x, a = at.x, at.a.squeeze(1)
     k = a.shape[1]
@@ -134,15 +135,12 @@ def _masked_scores(
     copies = at.copies(x.shape[1:])
     per = None if copies is None else max(1, copies // x.shape[0])
     if noise is None and concrete(a):
-        span = a.flatten(2).amax(-1) - a.flatten(2).amin(-1)
-        flat = span.eq(0).all(0)  # (K,): constant channel in every sample -> zero mask
-        if bool(flat.any()):
-            live = (~flat).nonzero().flatten()
-            zero = at.score_inputs(torch.zeros_like(x).unsqueeze(0))[0]
-            out = zero.unsqueeze(0).expand(k, *zero.shape).clone()
-            if live.numel():
-                out[live] = at.chunks(lambda i: score_chunk(live[i]), live.numel(), per, desc)
-            return out
+        rows = _minmax(a, tuple(range(2, a.ndim)), 1e-8).movedim(1, 0).flatten(1)  # (K, B * spatial)
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if distinct.shape[0] < k:
+            first = torch.full((distinct.shape[0],), k, dtype=inverse.dtype, device=inverse.device)
+            first = first.scatter_reduce(0, inverse, torch.arange(k, device=inverse.device), "amin")
+            return at.chunks(lambda i: score_chunk(first[i]), first.numel(), per, desc)[inverse]
     return at.chunks(score_chunk, k, per, desc)
 
 
@@ -154,8 +152,8 @@ def scorecam(at: Layer) -> Tensor:
               w = \operatorname{softmax}_k(s), \quad L = \sum_k w_k A_k
 
     Masks follow grad-cam exactly (:func:`masks_upsample_first`: ``align_corners=True`` upsampling, then
-    min-max with ``+1e-8``). Channels with an all-zero mask are scored once. ``K`` forward passes of
-    the whole network, ``chunk_size`` masked inputs per forward (``"auto"``: by a work budget).
+    min-max with ``+1e-8``). Channels with the same mask (all-zero ones, typically) are scored once.
+    ``K`` forward passes of the whole network, ``chunk_size`` masked inputs per forward (``"auto"``: by a work budget).
 
     Example:
         >>> import torch, torchvision, camfn
