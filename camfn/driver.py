@@ -115,7 +115,7 @@ class _Call:
     def forward_network(self) -> Callable[[Tensor], Any]:
         """The whole network on perturbed inputs (BatchNorm folded, fused and packed on the CPU)."""
         if self.network is None:
-            self.network = bind(self.trace, channels_last(self.params), self.x)
+            self.network = bind(self.trace, self.params, self.x)
         return self.network
 
 

@@ -42,6 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pullback import channels_last
 from .rewrite import Program, program
 from .runtime import in_transform
 from .tracing import Traced
@@ -250,28 +251,35 @@ def bind(traced: Traced, params: dict[str, Tensor], x: Tensor) -> Callable[[Tens
     Falls back to the plain traced program where the fast path is not :func:`available`, finds no
     convolution to fuse, or oneDNN refuses a fusion the first time it runs (e.g. on a 1 x 1 map).
     """
-    program = traced.program()
+    plain_program = traced.program()
+    plain_params: list[dict[str, Tensor]] = []  # channels-last copies, made on first use
+
+    def plain(inputs: Tensor) -> Any:
+        if not plain_params:
+            plain_params.append(channels_last(params))
+        return plain_program(plain_params[0], inputs)
+
     differentiable = torch.is_grad_enabled() and any(v.requires_grad for v in params.values())
     if differentiable or not available(x):
-        return lambda inputs: program(params, inputs)
+        return plain
     fast = inference(traced, x)
     if not fast.fused:
-        return lambda inputs: program(params, inputs)
+        return plain
     try:
-        consts = fast.weights(params)
+        consts = fast.weights(params)  # folds and packs into oneDNN's layout from any layout
     except RuntimeError:
         fast.fused = 0
-        return lambda inputs: program(params, inputs)
+        return plain
 
     def run(inputs: Tensor) -> Any:
         if not (fast.fused and available(inputs)):
-            return program(params, inputs)
+            return plain(inputs)
         if fast.checked:
             return fast.run(params, inputs, *consts)
         try:
             out = fast.run(params, inputs, *consts)
         except RuntimeError:
-            out = program(params, inputs)  # the plain program raises an error of the model's own
+            out = plain(inputs)  # the plain program raises an error of the model's own
             fast.fused = 0
             return out
         fast.checked = True

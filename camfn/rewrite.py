@@ -333,8 +333,9 @@ def program(traced: Traced, graph: fx.Graph, *, prune: bool = True, root: nn.Mod
     root = traced.module if root is None else root
     graph = copy.deepcopy(graph) if graph is traced.module.graph else graph
     if prune:
-        fx.GraphModule(root, graph)  # owns the graph: the purity check needs it
+        graph.owning_module = root  # the purity check looks modules up (no GraphModule: no codegen)
         graph.eliminate_dead_code(is_impure_node=is_impure)
+        graph.owning_module = None
     module, reads = _lift(root, graph, traced.state_keys)
     return Program(module, reads, traced)
 
