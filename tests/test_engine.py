@@ -53,10 +53,11 @@ class Net(nn.Module):
         self.fc = nn.Linear(6, classes)
         self.temperature = 1.0
         self.scales = [1.0]  # a list read in forward: edited in place, it must count as a change
+        self.options = {"gain": 1.0}  # ... and a dict
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.block(F.relu(self.stem(x)))
-        return self.fc(self.pool(a).flatten(1)) * self.temperature * self.scales[0]
+        return self.fc(self.pool(a).flatten(1)) * self.temperature * self.scales[0] * self.options["gain"]
 
 
 def _net(seed: int) -> Net:
@@ -156,11 +157,14 @@ def _changes():
     def list_item(net: Net) -> None:
         net.scales[0] = -2.0
 
+    def dict_item(net: Net) -> None:
+        net.options["gain"] = -2.0
+
     def deleted(net: Net) -> None:  # a parameter removed (the graph reads no bias any more)
         del net.stem.bias
         net.stem.bias = None
 
-    return [stride, temperature, padding, eps, submodule, parameter, assign, mode, list_item, deleted]
+    return [stride, temperature, padding, eps, submodule, parameter, assign, mode, list_item, dict_item, deleted]
 
 
 @pytest.mark.parametrize("change", _changes(), ids=lambda f: f.__name__)
@@ -197,6 +201,11 @@ def test_unchanged_model_reuses_its_trace(model: Net) -> None:
     assert camfn.tracing.trace(model) is first
     model.fc.weight.data.mul_(1.0)  # values change in place: the same graph
     assert camfn.tracing.trace(model) is first
+    model.eval()  # rewrites every module's mode with the value it has
+    model.block.bn1.eps = float(str(model.block.bn1.eps))  # a new object, equal: the dict's version moves
+    model.options["gain"] = model.options["gain"] + 0.0
+    assert camfn.tracing.trace(model) is first
+    assert camfn.tracing.trace(model) is first  # and the new versions are remembered
 
 
 # ---------------------------------------------------------------------------- writes in the forward
