@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.speed --kind slow --models resnet18 --markdown benchmarks/results/speed-slow.md
 	$(BIN)/python -m benchmarks.speed --methods fullgrad shapleycam --models resnet50 --batches 8 --repeats 2 --markdown benchmarks/results/fullgrad-shapleycam.md
 	$(BIN)/python -m benchmarks.compile --models resnet18 resnet50 --markdown
-	$(BIN)/python -m benchmarks.overhead --before 0dce887 --calls 100 --markdown
+	$(BIN)/python -m benchmarks.overhead --before 0dce887 --calls 200 --markdown
 	$(BIN)/python -m benchmarks.score_sizes --markdown
 	$(BIN)/python -m benchmarks.legrad_depth --markdown
 	$(BIN)/python -m benchmarks.scaling --markdown
