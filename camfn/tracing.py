@@ -357,10 +357,29 @@ class Fingerprint:
 
 
 _CONTAINERS = frozenset({dict, list, set, OrderedDict})
-_DICT_VERSION: Callable[[dict], int] | None = getattr(
-    getattr(getattr(torch._C, "_dynamo", None), "guards", None), "dict_version", None
-)
-"""CPython's per-dict version tag (torch.compile's guard primitive), where this torch and Python have it."""
+
+
+def _dict_version() -> Callable[[dict], int] | None:
+    """CPython's per-dict version tag (torch.compile's guard primitive), where this torch and Python have one
+    that moves on every write (checked once: a constant tag would make every change invisible)."""
+    tag = getattr(getattr(getattr(torch._C, "_dynamo", None), "guards", None), "dict_version", None)
+    if tag is None:
+        return None
+    try:
+        probe: dict[str, Any] = {}
+        seen = [tag(probe)]
+        probe["a"] = 1
+        seen.append(tag(probe))
+        probe["a"] = 2
+        seen.append(tag(probe))
+        del probe["a"]
+        seen.append(tag(probe))
+    except Exception:
+        return None
+    return tag if len(set(seen)) == len(seen) else None
+
+
+_DICT_VERSION = _dict_version()
 _INERT = frozenset(
     {
         "_non_persistent_buffers_set",
