@@ -382,3 +382,26 @@ def test_scorecam_scores_each_distinct_mask_once(seed: int) -> None:
         s = torch.stack([model(x * masks[:, k : k + 1])[:, 1] for k in range(a.shape[1])], 1)  # (B, K)
     expected = (s.softmax(1)[..., None, None] * a).sum(1)
     torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_scorecam_masks_equal_in_one_sample_only_are_scored_apart() -> None:
+    """A mask is shared only when it is the same in every sample of the batch: channels 0 and 1 are equal in
+    sample 0 and differ in sample 1, and the map is still the formula's, looped over every channel."""
+    torch.manual_seed(8)
+    fc = torch.nn.Linear(3, 4).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    x[0, 1] = x[0, 0]
+
+    def tail(a: torch.Tensor) -> torch.Tensor:
+        return fc(a.mean((2, 3)))
+
+    cut = camfn.Cut(lambda t: torch.relu(t), tail)
+    maps = camfn.scorecam(cut, camfn.params(cut), x, "head", 2, **RAW)
+    a = torch.relu(x)
+    up = torch.nn.functional.interpolate(a, size=(6, 6), mode="bilinear", align_corners=True)
+    low, high = up.flatten(2).amin(-1)[..., None, None], up.flatten(2).amax(-1)[..., None, None]
+    masks = (up - low) / (high - low + 1e-8)
+    with torch.no_grad():
+        s = torch.stack([tail(torch.relu(x * masks[:, k : k + 1]))[:, 2] for k in range(3)], 1)
+    expected = (s.softmax(1)[..., None, None] * a).sum(1)
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-12)

@@ -5,6 +5,8 @@ When a call leaves ``layer``, ``layout``, ``output`` or ``target`` unset, the dr
 registered for the top-level package that defines the model's class; built-in adapters (Hugging Face
 ``transformers``; torchvision and timm vision transformers) are imported only when a model of that package
 is explained, so importing camfn never imports them. Fields an adapter leaves ``None`` keep camfn's generic behaviour.
+An adapter registered with ``structural=True`` reads only the model's structure and the input's shape (never
+``params`` or values): its answer is kept with the trace, per item shape, and it runs once per trace, not per call.
 
 Example:
     >>> import torch, camfn
@@ -41,6 +43,7 @@ Adapter = Callable[[nn.Module, dict[str, Tensor], Any, Tensor], Defaults | None]
 
 ADAPTERS: dict[str, Adapter] = {}
 """Registered adapters by the top-level package of the model classes they handle."""
+_STRUCTURAL: set[str] = set()  # packages whose adapter depends on structure and input shape only
 
 _BUILTIN = {  # package -> adapter module, imported on first use
     "transformers": ".transformers",
@@ -49,12 +52,15 @@ _BUILTIN = {  # package -> adapter module, imported on first use
 }
 
 
-def register(package: str, adapter: Adapter) -> None:
-    """Use ``adapter`` for models whose class (or a base class) is defined in ``package``."""
+def register(package: str, adapter: Adapter, *, structural: bool = False) -> None:
+    """Use ``adapter`` for models whose class (or a base class) is defined in ``package``; ``structural=True``:
+    it reads only the model's structure and ``x``'s shape, so its answer is kept with the trace."""
     ADAPTERS[package] = adapter
+    (_STRUCTURAL.add if structural else _STRUCTURAL.discard)(package)
 
 
-def _adapter(model: Any) -> Adapter | None:
+def _adapter(model: Any) -> str | None:
+    """The package whose adapter handles ``model``, if any."""
     if not isinstance(model, nn.Module):
         return None
     for cls in type(model).__mro__:
@@ -62,12 +68,20 @@ def _adapter(model: Any) -> Adapter | None:
         if package not in ADAPTERS and package in _BUILTIN:
             importlib.import_module(_BUILTIN[package], __name__)  # registers itself
         if package in ADAPTERS:
-            return ADAPTERS[package]
+            return package
     return None
 
 
 def defaults(model: Any, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults:
     """The defaults the model's library implies (all ``None`` for models no adapter knows)."""
-    adapter = _adapter(model)
-    found = adapter(model, params, trace, x) if adapter is not None else None
-    return found or Defaults()
+    package = _adapter(model)
+    if package is None:
+        return Defaults()
+    adapter = ADAPTERS[package]
+    if package not in _STRUCTURAL or trace is None:
+        return adapter(model, params, trace, x) or Defaults()
+    key = (package, tuple(x.shape[1:]))
+    found = trace.cache.defaults.get(key)
+    if found is None:
+        found = trace.cache.defaults[key] = adapter(model, params, trace, x) or Defaults()
+    return found

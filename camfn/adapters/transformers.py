@@ -134,15 +134,12 @@ def _detector(info: Any) -> bool:
 
 
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
-    """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring); they depend on
-    the model's structure and the input shape only (the embedding target anchors on each call's own clean
-    output), so they are kept with the trace."""
+    """The :class:`~camfn.adapters.Defaults` of a transformers model (see the module docstring); structure and
+    input shape only (the embedding target anchors on each call's own clean output), so it is registered
+    ``structural`` and kept with the trace."""
     if trace is None or x.ndim != 4:
         return None
-    key = ("transformers", tuple(x.shape[1:]))
-    if key not in trace.cache.defaults:
-        trace.cache.defaults[key] = _defaults(model, trace, x)
-    return trace.cache.defaults[key]
+    return _defaults(model, trace, x)
 
 
 def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults:
@@ -159,4 +156,4 @@ def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults:
     return Defaults(layer=layer, layout=layout, output=output, target=target)
 
 
-register("transformers", defaults)
+register("transformers", defaults, structural=True)

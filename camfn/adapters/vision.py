@@ -71,13 +71,10 @@ def _shape(trace: Any, path: str, x: Tensor) -> tuple[int, ...] | None:
 
 def defaults(model: nn.Module, params: dict[str, Tensor], trace: Any, x: Tensor) -> Defaults | None:
     """The :class:`~camfn.adapters.Defaults` of a torchvision or timm vision transformer (module docstring);
-    they depend on the model's structure and the input shape only, so they are kept with the trace."""
+    structure and input shape only (registered ``structural``: kept with the trace)."""
     if trace is None or x.ndim != 4:
         return None
-    key = ("vision", tuple(x.shape[1:]))
-    if key not in trace.cache.defaults:
-        trace.cache.defaults[key] = _defaults(model, trace, x)
-    return trace.cache.defaults[key]
+    return _defaults(model, trace, x)
 
 
 def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults | None:
@@ -98,5 +95,5 @@ def _defaults(model: nn.Module, trace: Any, x: Tensor) -> Defaults | None:
     return None
 
 
-register("torchvision", defaults)
-register("timm", defaults)
+register("torchvision", defaults, structural=True)
+register("timm", defaults, structural=True)
